@@ -1,0 +1,180 @@
+"""Public kernel API: partial attention over one key shard, and expsum-merge of partials.
+
+This is the one entry point every caller uses (AttnNode programs, the custom ops in
+`ops.py`, tests). It validates and normalizes the arguments once, then dispatches to a
+backend, so that backends may assume well-formed inputs:
+
+- "torch":     fast torch path (`torch_cpu.py`); the CPU flash kernel on CPU, a math
+               formulation elsewhere. Default for CPU tensors.
+- "reference": fp64 dense oracle (`reference.py`); tests only.
+- "triton":    `fxdisagg.kernels.triton_backend`, imported lazily. Default for CUDA tensors.
+
+Conventions (numerical, shared by all backends):
+- q `[B, Hq, Mq, D]`, k/v `[B, Hkv, Mk, D]`, `Hq % Hkv == 0`; query head h reads kv head
+  `h // (Hq // Hkv)` (GQA/MQA). k/v are never expanded by the caller.
+- Positions, document ids: int64 `[M]` or `[B, M]`; key validity: bool `[Mk]` or `[B, Mk]`.
+  The visibility rule is `reference.visibility`.
+- out: q's dtype, contiguous `[B, Hq, Mq, D]`. lse: fp32 natural log, contiguous
+  `[B, Hq, Mq]`. A row with no visible key: out 0, lse -inf, never NaN.
+- Mq == 0 or Mk == 0 (empty shards) is valid.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fxdisagg.errors import KernelError, describe
+from fxdisagg.kernels import reference, torch_cpu
+
+BACKENDS = ("torch", "reference", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise KernelError(f"{op}: {msg}")
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
+    """None -> "triton" for CUDA tensors, "torch" otherwise; reject unknown names."""
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    _check(
+        backend in BACKENDS,
+        op,
+        f"unknown backend {backend!r}; expected one of {BACKENDS} or None (automatic)",
+    )
+    return backend
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    op = "partial_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(t, Tensor), op, f"{name} must be a Tensor, got {type(t).__name__}")
+        _check(t.dim() == 4, op, f"{name} must be 4-D [B, H, M, D], got {describe(t)}")
+        _check(t.dtype in FLOAT_DTYPES, op, f"{name} must be one of {FLOAT_DTYPES}, got {describe(t)}")
+    shapes = f"q={describe(q)}, k={describe(k)}, v={describe(v)}"
+    _check(q.dtype == k.dtype == v.dtype, op, f"q, k, v must share a dtype; {shapes}")
+    _check(q.device == k.device == v.device, op, f"q, k, v must share a device; {shapes}")
+    _check(k.shape == v.shape, op, f"k and v must have the same shape; {shapes}")
+    _check(q.shape[0] == k.shape[0], op, f"batch sizes differ; {shapes}")
+    _check(q.shape[3] == k.shape[3] and q.shape[3] > 0, op, f"head dims differ or are 0; {shapes}")
+    hq, hkv = q.shape[1], k.shape[1]
+    _check(
+        hkv > 0 and hq % hkv == 0,
+        op,
+        f"query heads Hq={hq} must be a positive multiple of kv heads Hkv={hkv}; {shapes}",
+    )
+
+
+def _check_token_feature(
+    name: str, t: Tensor, dtype: torch.dtype, batch: int, length: int, device: torch.device
+) -> None:
+    """A per-token feature is `[M]` or `[B, M]` of the given dtype, on the tensors' device."""
+    op = "partial_attention"
+    _check(isinstance(t, Tensor), op, f"{name} must be a Tensor, got {type(t).__name__}")
+    _check(t.dtype == dtype, op, f"{name} must have dtype {dtype}, got {describe(t)}")
+    _check(t.device == device, op, f"{name} must be on {device}, got {describe(t)}")
+    ok = tuple(t.shape) in ((length,), (batch, length))
+    _check(ok, op, f"{name} must have shape [{length}] or [{batch}, {length}], got {describe(t)}")
+
+
+def _check_features(q, k, q_pos, k_pos, window, q_doc, k_doc, k_valid) -> None:
+    op = "partial_attention"
+    b, mq, mk, dev = q.shape[0], q.shape[2], k.shape[2], q.device
+    _check_token_feature("q_pos", q_pos, torch.int64, b, mq, dev)
+    _check_token_feature("k_pos", k_pos, torch.int64, b, mk, dev)
+    _check((q_doc is None) == (k_doc is None), op, "q_doc and k_doc must be given together")
+    if q_doc is not None:
+        _check_token_feature("q_doc", q_doc, torch.int64, b, mq, dev)
+        _check_token_feature("k_doc", k_doc, torch.int64, b, mk, dev)
+    if k_valid is not None:
+        _check_token_feature("k_valid", k_valid, torch.bool, b, mk, dev)
+    is_int = isinstance(window, int) and not isinstance(window, bool)
+    _check(window is None or is_int, op, f"window must be None or an int, got {window!r}")
+
+
+def partial_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    window: Optional[int] = None,
+    q_doc: Optional[Tensor] = None,
+    k_doc: Optional[Tensor] = None,
+    k_valid: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention of queries q over one key shard (k, v): `(out, lse)`.
+
+    q `[B, Hq, Mq, D]`; k, v `[B, Hkv, Mk, D]`; q_pos `[Mq]|[B, Mq]`, k_pos `[Mk]|[B, Mk]`
+    int64 token positions. Visibility (`reference.visibility`): causal `k_pos <= q_pos`,
+    window `q_pos - k_pos < window`, documents `q_doc == k_doc`, `k_valid` (False = padding).
+    scale defaults to `1/sqrt(D)`. Returns out (q's dtype) `[B, Hq, Mq, D]` and lse (fp32,
+    natural log) `[B, Hq, Mq]`; rows with no visible key give out 0, lse -inf.
+    Raises KernelError on malformed arguments.
+    """
+    _check_qkv(q, k, v)
+    _check_features(q, k, q_pos, k_pos, window, q_doc, k_doc, k_valid)
+    name = resolve_backend(backend, q.device, "partial_attention")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    kwargs = dict(
+        scale=scale, causal=bool(causal), window=window, q_doc=q_doc, k_doc=k_doc, k_valid=k_valid
+    )
+    out, lse = _partial_impl(name)(q, k, v, q_pos, k_pos, **kwargs)
+    return out.contiguous(), lse.contiguous()
+
+
+def _check_merge(outs: Tensor, lses: Tensor) -> None:
+    op = "expsum_merge"
+    _check(isinstance(outs, Tensor) and isinstance(lses, Tensor), op, "outs and lses must be Tensors")
+    shapes = f"outs={describe(outs)}, lses={describe(lses)}"
+    _check(outs.dim() == 5, op, f"outs must be 5-D [P, B, H, M, D]; {shapes}")
+    _check(outs.dtype in FLOAT_DTYPES, op, f"outs must be one of {FLOAT_DTYPES}; {shapes}")
+    _check(lses.dtype == torch.float32, op, f"lses must be float32; {shapes}")
+    _check(lses.shape == outs.shape[:-1], op, f"lses must be [P, B, H, M] matching outs; {shapes}")
+    _check(outs.shape[0] > 0, op, f"need at least one partial (P >= 1); {shapes}")
+    _check(outs.device == lses.device, op, f"outs and lses must share a device; {shapes}")
+
+
+def expsum_merge(outs: Tensor, lses: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Exact merge of P partials: `lse = logsumexp_p lses[p]`, `out = sum_p exp(lses[p]-lse) outs[p]`.
+
+    outs `[P, B, H, M, D]` (any float dtype), lses fp32 `[P, B, H, M]`. Computed in fp32,
+    out returned in outs' dtype `[B, H, M, D]`, lse fp32 `[B, H, M]`. Rows that are -inf
+    in every partial give out 0 and lse -inf.
+    """
+    _check_merge(outs, lses)
+    name = resolve_backend(backend, outs.device, "expsum_merge")
+    out, lse = _merge_impl(name)(outs, lses)
+    return out.contiguous(), lse.contiguous()
+
+
+def _triton():
+    """Imported on first use: triton is optional and its import is slow."""
+    return importlib.import_module("fxdisagg.kernels.triton_backend")
+
+
+def _partial_impl(name: str):
+    if name == "torch":
+        return torch_cpu.partial_attention
+    if name == "reference":
+        return reference.partial_attention
+    return _triton().partial_attention
+
+
+def _merge_impl(name: str):
+    if name == "torch":
+        return torch_cpu.expsum_merge
+    if name == "reference":
+        return reference.expsum_merge
+    return _triton().expsum_merge
