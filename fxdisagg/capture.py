@@ -1,0 +1,147 @@
+"""Capture: an unmodified HF model -> one flat ATen FX graph with a dynamic sequence dim.
+
+`torch.export` (non-strict, ``use_cache=False``) traces the model once with the sequence
+dimension of every token-indexed input marked dynamic (``torch.export.Dim``). Every node's
+``meta["val"]`` then carries the sequence length as one sympy symbol, so later passes read
+"which dims are sequence dims" off shapes instead of guessing, and one capture serves every
+length from 1 to the maximum.
+
+The batch size is static in a capture (HF graphs specialise it); the API keeps one capture
+per batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from fxdisagg.errors import CaptureError, InferenceOnlyError, InputError
+
+log = logging.getLogger(__name__)
+
+#: inputs whose dim 1 is the token dim (HF names); anything else must not depend on N.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+
+
+@dataclasses.dataclass
+class Captured:
+    """A captured model: a flat GraphModule plus what is needed to call it like the model."""
+
+    gm: fx.GraphModule
+    input_names: tuple[str, ...]     # flat tensor inputs, in placeholder order
+    constants: dict[str, Any]        # non-tensor kwargs baked into the capture (use_cache=False)
+    out_spec: pytree.TreeSpec        # rebuilds the HF output type from the flat outputs
+    seq: sympy.Symbol                # the symbol of the sequence length
+    batch: int
+    max_len: int
+
+
+def check_inference(model: torch.nn.Module, inputs: dict[str, Any]) -> None:
+    if model.training:
+        raise InferenceOnlyError(
+            "the model is in training mode; fxdisagg compiles inference programs only for now. "
+            "Call model.eval() before fxdisagg.compile.")
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            raise InferenceOnlyError(
+                f"input {name!r} requires grad; fxdisagg runs inference only for now. "
+                f"Pass a detached tensor (x.detach()) or run under torch.no_grad().")
+
+
+def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len: int) -> Captured:
+    """Export ``model(**example, use_cache=False)`` with a dynamic token dim."""
+    check_inference(model, example)
+    tensors = {k: v for k, v in example.items() if isinstance(v, torch.Tensor)}
+    unknown = [k for k in tensors if k not in TOKEN_INPUTS]
+    if unknown:
+        raise InputError(f"inputs {unknown} are not token-indexed inputs fxdisagg knows "
+                         f"({', '.join(TOKEN_INPUTS)}); pass only those as tensors")
+    n_dim = torch.export.Dim("N", min=1, max=max_len)
+    kwargs = dict(tensors)
+    dynamic = {k: {1: n_dim} for k in tensors}
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+        dynamic["use_cache"] = None
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised typed, with the cause attached
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                           f"{type(e).__name__}: {str(e)[:2000]}") from e
+    gm = ep.module()
+    constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    names = _flatten_placeholders(gm, tuple(kwargs))
+    gm = fx.GraphModule(gm, gm.graph)  # a plain module: no pytree in-spec hooks
+    out_spec = ep.call_spec.out_spec
+    seq = _seq_symbol(gm)
+    batch = next(iter(tensors.values())).shape[0]
+    return Captured(gm, names, constants, out_spec, seq, batch, max_len)
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    import inspect
+    return name in inspect.signature(model.forward).parameters
+
+
+def _flatten_placeholders(gm: fx.GraphModule, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Give the graph plain positional tensor placeholders: drop the pytree codegen and
+    the constant (non-tensor) placeholders, which the capture already specialised."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)  # export's input guards: `flat_inputs` validates instead
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)  # dtype asserts of the trace; they only add users
+    kept = []
+    for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], names):
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            node.target = node.name = name
+            kept.append(name)
+        else:
+            if node.users:
+                raise CaptureError(f"constant input {name!r} is used by the graph; "
+                                   f"fxdisagg can not specialise it")
+            gm.graph.erase_node(node)
+    gm.graph._codegen = fx.graph.CodeGen()
+    gm.recompile()
+    return tuple(kept)
+
+
+def _seq_symbol(gm: fx.GraphModule) -> sympy.Symbol:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        size = node.meta["val"].shape[1]
+        if isinstance(size, torch.SymInt):
+            return size.node.expr
+    raise CaptureError("the capture did not keep the sequence dimension dynamic")
+
+
+def flat_inputs(cap: Captured, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Validate call kwargs against the capture and return them in placeholder order."""
+    names = set(cap.input_names)
+    extra = [k for k, v in kwargs.items() if k not in names and k not in cap.constants and v is not None]
+    missing = [k for k in cap.input_names if kwargs.get(k) is None]
+    if extra or missing:
+        raise InputError(f"the model was compiled for inputs {list(cap.input_names)}; "
+                         f"got unexpected {extra} and missing {missing}. Recompile with "
+                         f"example_inputs holding the inputs you pass.")
+    for k, v in cap.constants.items():
+        if k in kwargs and kwargs[k] != v:
+            raise InputError(f"{k}={kwargs[k]!r} differs from the captured {k}={v!r}")
+    flat = [kwargs[k] for k in cap.input_names]
+    n = flat[0].shape[1]
+    for k, t in zip(cap.input_names, flat):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            raise InputError(f"input {k!r} must be a [batch, seq, ...] tensor, got {type(t).__name__}")
+        if t.shape[1] != n:
+            raise InputError(f"input {k!r} has {t.shape[1]} tokens but {cap.input_names[0]!r} has {n}")
+        if t.requires_grad:
+            raise InferenceOnlyError(f"input {k!r} requires grad; fxdisagg runs inference only for now")
+    if not 1 <= n <= cap.max_len:
+        raise InputError(f"sequence length {n} is outside the captured range [1, {cap.max_len}]; "
+                         f"recompile with max_len >= {n}")
+    return flat

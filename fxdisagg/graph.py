@@ -1,0 +1,58 @@
+"""Small helpers over FX graphs that every pass shares: shapes, sequence dims, node text."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def val(node) -> object:
+    """The example value export recorded for ``node`` (FakeTensor, SymInt, tuple...)."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def is_tensor(node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(val(node), torch.Tensor)
+
+
+def is_seq(size, seq) -> bool:
+    """True when ``size`` (an int or SymInt) is exactly the sequence length symbol."""
+    return isinstance(size, torch.SymInt) and size.node.expr == seq
+
+
+def mentions_seq(size, seq) -> bool:
+    return isinstance(size, torch.SymInt) and seq in size.node.expr.free_symbols
+
+
+def seq_dims(node, seq) -> list[int]:
+    """Dims of ``node``'s tensor whose size is the sequence length."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return []
+    return [d for d, s in enumerate(v.shape) if is_seq(s, seq)]
+
+
+def has_seq(node, seq) -> bool:
+    v = val(node)
+    if isinstance(v, torch.Tensor):
+        return any(mentions_seq(s, seq) for s in v.shape)
+    return mentions_seq(v, seq)
+
+
+def describe_node(node: fx.Node) -> str:
+    """``name = target(...)`` with the tensor's shape: for error messages."""
+    v = val(node)
+    shape = f" -> {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else ""
+    stack = node.meta.get("stack_trace", "").strip().splitlines()
+    where = f"  (from {stack[-2].strip()})" if len(stack) >= 2 else ""
+    return f"node {node.name!r} = {node.target}{shape}{where}"
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def target_name(target) -> str:
+    return getattr(target, "__name__", str(target))

@@ -1,0 +1,68 @@
+"""The pass driver: runs passes in order, checks the graph between them, times them and
+writes dumps; a failing pass is reported with its name and the passes already run.
+
+A pass is ``fn(gm: GraphModule, ctx: PassContext) -> GraphModule``; it may rewrite in place.
+Every rewrite is counted in ``ctx.counts`` (``"pass.what" -> n``) so tests can assert them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import sympy
+import torch.fx as fx
+
+from fxdisagg.errors import FxDisaggError, PassError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What passes share: the sequence symbol, the options, rewrite counts, warnings."""
+
+    seq: sympy.Symbol
+    alpha: int = 1
+    beta: int = 1
+    strategy: str = "r"
+    kernel: str = ""
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    dumper: object = None
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def warn(self, msg: str) -> None:
+        log.warning("%s", msg)
+        self.warnings.append(msg)
+
+
+Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+
+
+def run_passes(gm: fx.GraphModule, passes: list[Pass], ctx: PassContext) -> fx.GraphModule:
+    done: list[str] = []
+    for p in passes:
+        name = p.__module__.rsplit(".", 1)[-1]
+        before = gm.print_readable(print_output=False) if ctx.dumper else None
+        t0 = time.perf_counter()
+        try:
+            gm = p(gm, ctx)
+            gm.graph.lint()
+            gm.recompile()
+        except FxDisaggError:
+            raise
+        except Exception as e:  # noqa: BLE001 - wrapped with context, cause chained
+            raise PassError(f"pass {name!r} failed after {done or 'no passes'}: "
+                            f"{type(e).__name__}: {e}") from e
+        ctx.timings[name] = time.perf_counter() - t0
+        if ctx.dumper:
+            ctx.dumper.pass_done(len(done), name, before, gm, ctx.timings[name])
+        done.append(name)
+        log.debug("pass %s took %.3f s", name, ctx.timings[name])
+    return gm

@@ -1,0 +1,224 @@
+"""The Plan: which token goes where, and what each collective moves.
+
+A Plan is data. It is built from (N, alpha, beta, strategy), printable, serialisable to JSON
+and testable on its own; the partitioner, the exchange and both runtimes only read it.
+
+Placements (DESIGN.md, "R-sharding"). Tokens are 0-based positions t < N.
+- "r" (default): attention shard of t is ``t % beta`` (round-robin stripes), so every tile
+  (i, j) of the causal mask is a plain (i >= j) or strictly (i < j) lower triangle and all
+  beta^2 AttnNodes get the same work to within one row. CompNode of t is
+  ``(t // beta) % alpha``: chunks of beta consecutive tokens dealt round-robin, so every
+  CompNode holds an equal share of every attention shard and the dispatch is a balanced
+  all-to-all.
+- "contiguous": shard i holds ``[i*N/beta, (i+1)*N/beta)``; the upper tiles of a causal mask
+  are idle (max/mean work near 2 - 1/beta). For comparison.
+- "zigzag": 2*beta chunks, shard i holds chunks i and 2*beta-1-i (the head-tail placement of
+  ring attention); CompNodes likewise with 2*alpha chunks.
+
+Any N >= 1 works: shards differ by at most one token (R) and N < beta leaves shards empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import torch
+
+from fxdisagg.errors import ConfigError
+
+STRATEGIES = ("r", "contiguous", "zigzag")
+
+
+def _owner_r(t: torch.Tensor, n: int, parts: int, chunk: int) -> torch.Tensor:
+    return (t // chunk) % parts
+
+
+def _owner_contiguous(t: torch.Tensor, n: int, parts: int) -> torch.Tensor:
+    return (t * parts) // n
+
+
+def _owner_zigzag(t: torch.Tensor, n: int, parts: int) -> torch.Tensor:
+    chunk = (t * 2 * parts) // n  # which of 2*parts contiguous chunks
+    return torch.where(chunk < parts, chunk, 2 * parts - 1 - chunk)
+
+
+def assign(n: int, parts: int, strategy: str, *, chunk: int = 1) -> torch.Tensor:
+    """Owner in ``[0, parts)`` of every token ``t < n``, int64 ``[n]``."""
+    t = torch.arange(n, dtype=torch.int64)
+    if strategy == "r":
+        return _owner_r(t, n, parts, chunk)
+    if strategy == "contiguous":
+        return _owner_contiguous(t, n, parts)
+    if strategy == "zigzag":
+        return _owner_zigzag(t, n, parts)
+    raise ConfigError(f"sharding={strategy!r} is not a placement; choose one of {STRATEGIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Token placement for one sequence length N.
+
+    comp_tokens[c]: sorted token indices owned by CompNode c (int64).
+    shard_tokens[i]: sorted token indices of attention shard i (int64); AttnNode (i, j)
+        attends queries of shard i to keys of shard j.
+    """
+
+    n_tokens: int
+    alpha: int
+    beta: int
+    strategy: str
+    comp_tokens: tuple[torch.Tensor, ...]
+    shard_tokens: tuple[torch.Tensor, ...]
+
+    @staticmethod
+    def build(n_tokens: int, alpha: int, beta: int, strategy: str = "r") -> "Plan":
+        validate_degrees(alpha, beta)
+        if n_tokens < 1:
+            raise ConfigError(f"a Plan needs at least one token, got N={n_tokens}")
+        comp = assign(n_tokens, alpha, strategy, chunk=beta)
+        shard = assign(n_tokens, beta, strategy)
+        return Plan(
+            n_tokens, alpha, beta, strategy,
+            tuple(torch.nonzero(comp == c).flatten() for c in range(alpha)),
+            tuple(torch.nonzero(shard == i).flatten() for i in range(beta)),
+        )
+
+    # -- placement lookups ---------------------------------------------------------------
+    @functools.cached_property
+    def shard_of(self) -> torch.Tensor:
+        """Attention shard of every token, int64 ``[N]``."""
+        return assign(self.n_tokens, self.beta, self.strategy)
+
+    @functools.cached_property
+    def comp_of(self) -> torch.Tensor:
+        """CompNode of every token, int64 ``[N]``."""
+        return assign(self.n_tokens, self.alpha, self.strategy, chunk=self.beta)
+
+    def local_rows(self, c: int, i: int) -> torch.Tensor:
+        """Rows of CompNode c's local tensors (indices into comp_tokens[c]) in shard i."""
+        return self._local_rows[c][i]
+
+    def reply_rows(self, i: int, c: int) -> torch.Tensor:
+        """Rows of AttnNode row i's sorted query shard that belong to CompNode c, in the
+        same order as ``local_rows(c, i)``."""
+        return self._reply_rows[i][c]
+
+    @functools.cached_property
+    def _local_rows(self):
+        shard = self.shard_of
+        return tuple(
+            tuple(torch.nonzero(shard[toks] == i).flatten() for i in range(self.beta))
+            for toks in self.comp_tokens
+        )
+
+    @functools.cached_property
+    def _reply_rows(self):
+        comp = self.comp_of
+        return tuple(
+            tuple(torch.nonzero(comp[toks] == c).flatten() for c in range(self.alpha))
+            for toks in self.shard_tokens
+        )
+
+    def arrival_order(self, i: int) -> torch.Tensor:
+        """Permutation that sorts the concatenation (over CompNodes c = 0..alpha-1) of the
+        shard-i pieces into ascending token order, so that every tile keeps sorted
+        positions (its causal structure stays a triangle)."""
+        return self._arrival_order[i]
+
+    @functools.cached_property
+    def _arrival_order(self):
+        orders = []
+        for i in range(self.beta):
+            arrived = torch.cat([toks[self.local_rows(c, i)] for c, toks in enumerate(self.comp_tokens)])
+            orders.append(torch.argsort(arrived))
+        return tuple(orders)
+
+    # -- balance -------------------------------------------------------------------------
+    def causal_work(self) -> torch.Tensor:
+        """Visible (query, key) pairs of a causal mask per AttnNode, int64 ``[beta, beta]``."""
+        work = torch.zeros(self.beta, self.beta, dtype=torch.int64)
+        for i, q in enumerate(self.shard_tokens):
+            for j, k in enumerate(self.shard_tokens):
+                work[i, j] = torch.searchsorted(k, q, right=True).sum()
+        return work
+
+    def balance(self) -> float:
+        """max / mean causal work over AttnNodes (1.0 is perfect)."""
+        work = self.causal_work().double()
+        return float(work.max() / work.mean()) if work.sum() > 0 else 1.0
+
+    # -- traffic -------------------------------------------------------------------------
+    def layer_bytes(self, *, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                    elem_bytes: int, feature_bytes_per_token: int = 8) -> dict[str, int]:
+        """Bytes one layer's collectives move (all ranks together).
+
+        dispatch: every query row of shard i goes to the beta AttnNodes (i, *), every key/value
+        row of shard j to the beta AttnNodes (*, j), each with its per-token mask features.
+        return: every AttnNode sends each of its query rows back: out (input dtype) + lse (fp32).
+        """
+        n, beta = self.n_tokens, self.beta
+        q = batch * q_heads * head_dim * elem_bytes
+        kv = 2 * batch * kv_heads * head_dim * elem_bytes
+        feats = feature_bytes_per_token
+        dispatch = beta * n * (q + kv + 2 * feats)
+        ret = beta * n * batch * q_heads * (head_dim * elem_bytes + 4)
+        return {"dispatch": dispatch, "return": ret}
+
+    def ring_layer_bytes(self, *, batch: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
+        """Ring attention over the same device count (alpha + beta^2): each of P devices
+        passes its N/P key/value block around the ring P-1 times."""
+        p = self.alpha + self.beta ** 2
+        return (p - 1) * self.n_tokens * 2 * batch * kv_heads * head_dim * elem_bytes
+
+    # -- presentation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "n_tokens": self.n_tokens, "alpha": self.alpha, "beta": self.beta,
+            "strategy": self.strategy,
+            "comp_tokens": [t.tolist() for t in self.comp_tokens],
+            "shard_tokens": [t.tolist() for t in self.shard_tokens],
+            "causal_work": self.causal_work().tolist(),
+            "balance": self.balance(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def summary(self, *, shapes: dict | None = None) -> str:
+        """Tokens per CompNode and AttnNode, causal work per AttnNode, and (given layer
+        shapes: batch, q_heads, kv_heads, head_dim, elem_bytes) bytes per collective."""
+        lines = [f"Plan: N={self.n_tokens}, alpha={self.alpha} CompNodes, "
+                 f"beta={self.beta} ({self.beta}x{self.beta} AttnNodes), sharding={self.strategy!r}"]
+        for c, toks in enumerate(self.comp_tokens):
+            lines.append(f"  CompNode {c}: {len(toks)} tokens {_preview(toks)}")
+        for i, toks in enumerate(self.shard_tokens):
+            lines.append(f"  attention shard {i}: {len(toks)} tokens {_preview(toks)}")
+        work = self.causal_work()
+        for i in range(self.beta):
+            row = " ".join(f"{int(w):>10d}" for w in work[i])
+            lines.append(f"  causal work AttnNode ({i}, *): {row}")
+        lines.append(f"  balance max/mean = {self.balance():.4f}"
+                     + ("" if self.strategy == "contiguous" else
+                        f" (contiguous: {Plan.build(self.n_tokens, self.alpha, self.beta, 'contiguous').balance():.4f})"))
+        if shapes:
+            b = self.layer_bytes(**shapes)
+            ring = self.ring_layer_bytes(**{k: shapes[k] for k in ("batch", "kv_heads", "head_dim", "elem_bytes")})
+            lines.append(f"  bytes per layer: dispatch {b['dispatch']:,}  return {b['return']:,}  "
+                         f"(ring attention on {self.alpha + self.beta ** 2} devices: {ring:,})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def validate_degrees(alpha, beta, tp=1) -> None:
+    for name, v in (("alpha", alpha), ("beta", beta), ("tp", tp)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+
+
+def _preview(toks: torch.Tensor, k: int = 8) -> str:
+    vals = toks.tolist()
+    return str(vals) if len(vals) <= k else f"[{', '.join(map(str, vals[:k]))}, ...]"

@@ -1,0 +1,216 @@
+"""find_attention: every attention, whatever its spelling, becomes one ``fxdisagg::attention``.
+
+Requires: a captured ATen graph (`fxdisagg.capture`).
+Guarantees: no ``scaled_dot_product_attention`` (or fused variant) and no eager attention
+chain is left; each was replaced by ``fxdisagg.attention(q, k, v, mask, ..., scale, causal,
+window=None)`` with the raw mask (bool or additive) still attached, for `classify_masks`.
+
+Spellings matched:
+- ``aten.scaled_dot_product_attention`` and the fused CPU/CUDA variants (output 0 only);
+- the eager chain of the seed figure, as HF builds it with ``attn_implementation="eager"``:
+  MatMul(q, k^T) -> Scale (mul / div by a constant, optional) -> Mask add (optional) ->
+  SoftMax(-1) -> casts / Dropout(p, train=False) (optional) -> MatMul(., v).
+A softmax over a sequence dim that is not part of an exact match is an error naming the
+node: an attention-like pattern is never passed through silently.
+
+Counts: ``find_attention.sdpa``, ``find_attention.fused_sdpa``, ``find_attention.eager``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from fxdisagg import ops as _ops  # noqa: F401  (registers fxdisagg::attention)
+from fxdisagg.errors import PatternError
+from fxdisagg.graph import describe_node, is_tensor, seq_dims, single_user, val
+from fxdisagg.pipeline import PassContext
+
+aten = torch.ops.aten
+ATTENTION = torch.ops.fxdisagg.attention.default
+
+FUSED_SDPA = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+}
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default,
+         aten.contiguous.default}
+DROPOUT = {aten.dropout.default}
+
+
+def find_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.scaled_dot_product_attention.default:
+            _replace_sdpa(gm, node, ctx)
+        elif node.target in FUSED_SDPA:
+            _replace_fused(gm, node, ctx)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in SOFTMAX:
+            _replace_eager(gm, node, ctx)
+    gm.graph.eliminate_dead_code()
+    return gm
+
+
+def _sdpa_args(node: fx.Node, names: list[str], defaults: dict) -> dict:
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    return {**defaults, **args}
+
+
+def _default_scale(q: fx.Node) -> float:
+    return 1.0 / math.sqrt(val(q).shape[-1])
+
+
+def _emit(gm, at: fx.Node, q, k, v, mask, scale, causal) -> fx.Node:
+    with gm.graph.inserting_before(at):
+        new = gm.graph.call_function(
+            ATTENTION, (q, k, v, mask, None, None, None, None, None, float(scale), bool(causal), None))
+    new.meta["val"] = val(q).new_empty(val(q).shape[:-1] + (val(v).shape[-1],))
+    new.meta["stack_trace"] = at.meta.get("stack_trace", "")
+    new.meta["nn_module_stack"] = at.meta.get("nn_module_stack", {})
+    new.meta["fxdisagg.created_by"] = "find_attention"
+    return new
+
+
+def _replace_sdpa(gm, node, ctx) -> None:
+    a = _sdpa_args(node, ["q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"],
+                   {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
+    _check_dropout(node, a["dropout_p"])
+    scale = a["scale"] if a["scale"] is not None else _default_scale(a["q"])
+    new = _emit(gm, node, a["q"], a["k"], a["v"], a["attn_mask"], scale, a["is_causal"])
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    ctx.count("find_attention.sdpa")
+
+
+def _replace_fused(gm, node, ctx) -> None:
+    """Fused variants return tuples; only output 0 (the attention) may be used."""
+    names = ["q", "k", "v", "dropout_p", "is_causal"]
+    a = _sdpa_args(node, names, {"dropout_p": 0.0, "is_causal": False, "scale": None, "attn_mask": None})
+    if node.target is aten._scaled_dot_product_efficient_attention.default:
+        a = _sdpa_args(node, ["q", "k", "v", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal"],
+                       {"attn_bias": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
+        a["attn_mask"] = a["attn_bias"]
+    _check_dropout(node, a["dropout_p"])
+    users = list(node.users)
+    if any(u.target is not __import__("operator").getitem or u.args[1] != 0 for u in users):
+        raise PatternError(f"find_attention: {describe_node(node)} has users of outputs other "
+                           f"than the attention output; fxdisagg can not rewrite it")
+    scale = a["scale"] if a["scale"] is not None else _default_scale(a["q"])
+    new = _emit(gm, node, a["q"], a["k"], a["v"], a["attn_mask"], scale, a["is_causal"])
+    for u in users:
+        u.replace_all_uses_with(new)
+        gm.graph.erase_node(u)
+    gm.graph.erase_node(node)
+    ctx.count("find_attention.fused_sdpa")
+
+
+def _check_dropout(node, p) -> None:
+    if p not in (0, 0.0):
+        raise PatternError(f"find_attention: {describe_node(node)} has dropout_p={p}; "
+                           f"fxdisagg runs inference only: call model.eval()")
+
+
+def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
+    """Match backwards and forwards from a softmax over the last (key) dim."""
+    x = softmax.args[0]
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    if not is_tensor(x) or not seq_dims(x, ctx.seq):
+        return  # not over tokens: a softmax inside an MLP or a router is not attention
+    if dim not in (-1, val(x).dim() - 1) or (val(x).dim() - 1) not in seq_dims(x, ctx.seq):
+        raise PatternError(f"find_attention: {describe_node(softmax)} is a softmax over tokens "
+                           f"but not over the last (key) dim; this attention spelling is not "
+                           f"supported")
+    scores, mask = _split_mask(x, ctx)
+    qk, scale = _split_scale(scores)
+    if qk.target not in (aten.matmul.default, aten.bmm.default) or single_user(qk) is None:
+        _fail(softmax, "expected MatMul(q, k^T) before Scale and SoftMax", qk)
+    q, kt = qk.args
+    k = _untranspose(kt)
+    if k is None:
+        _fail(softmax, "expected the second MatMul operand to be k.transpose(-1, -2)", kt)
+    chain = _follow_to_matmul(softmax)
+    if chain is None:
+        _fail(softmax, "expected SoftMax -> (cast/dropout) -> MatMul(probs, v)", softmax)
+    pv = chain[-1]
+    new = _emit(gm, pv, q, k, pv.args[1], mask, scale * 1.0, False)
+    pv.replace_all_uses_with(new)
+    # erase the matched chain explicitly: DCE keeps dropout (a seeded-random op)
+    for n in reversed([qk, *{scores: None, x: None}, softmax, *chain]):
+        if not n.users:
+            gm.graph.erase_node(n)
+    ctx.count("find_attention.eager")
+
+
+def _split_mask(x: fx.Node, ctx):
+    """scores + mask -> (scores, mask); the mask is the operand not derived from MatMul."""
+    if x.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in x.args):
+        a, b = x.args
+        if _reaches_matmul(a):
+            return a, b
+        if _reaches_matmul(b):
+            return b, a
+    return x, None
+
+
+def _reaches_matmul(n: fx.Node) -> bool:
+    while n.op == "call_function" and n.target in (aten.mul.Tensor, aten.div.Tensor, *CASTS):
+        n = n.args[0]
+    return n.op == "call_function" and n.target in (aten.matmul.default, aten.bmm.default)
+
+
+def _split_scale(x: fx.Node):
+    """MatMul * c or MatMul / c (c a Python number or a constant 0-d full()) -> (matmul, scale)."""
+    if x.target in (aten.mul.Tensor, aten.div.Tensor):
+        c = _constant(x.args[1])
+        if c is None:
+            raise PatternError(f"find_attention: {describe_node(x)} scales attention scores by a "
+                               f"non-constant; this spelling is not supported")
+        return x.args[0], (c if x.target is aten.mul.Tensor else 1.0 / c)
+    return x, 1.0
+
+
+def _constant(a):
+    if isinstance(a, (int, float)):
+        return float(a)
+    if isinstance(a, fx.Node) and a.target is aten.full.default and a.args[0] == []:
+        return float(a.args[1])
+    return None
+
+
+def _untranspose(kt: fx.Node):
+    if kt.op == "call_function" and kt.target is aten.transpose.int:
+        d0, d1 = sorted(d % val(kt).dim() for d in kt.args[1:3])
+        if (d0, d1) == (val(kt).dim() - 2, val(kt).dim() - 1):
+            return kt.args[0]
+    return None
+
+
+def _follow_to_matmul(softmax: fx.Node):
+    """SoftMax -> (casts, dropout)* -> MatMul: the nodes after the softmax, or None."""
+    chain, n = [], softmax
+    while True:
+        u = single_user(n)
+        if u is None or u.op != "call_function":
+            return None
+        chain.append(u)
+        if u.target in DROPOUT:
+            _check_dropout(u, u.args[1])
+        elif u.target in (aten.matmul.default, aten.bmm.default) and u.args[0] is n:
+            return chain
+        elif u.target not in CASTS:
+            return None
+        n = u
+
+
+def _fail(softmax, what, at) -> None:
+    raise PatternError(f"find_attention: {describe_node(softmax)} looks like attention but does "
+                       f"not match exactly: {what}; found {describe_node(at)}. Use "
+                       f"attn_implementation='sdpa' or 'eager' as HF ships them.")
