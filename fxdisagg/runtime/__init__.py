@@ -1,0 +1,1 @@
+"""Runtimes that execute role programs: in-process (threads) and distributed (processes)."""

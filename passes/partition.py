@@ -1,0 +1,184 @@
+"""partition: label every node with the role that runs it, per layer, and check locality.
+
+Requires: the split graph (`split_attention`).
+Guarantees: every node has ``meta["fxdisagg.role"]``, one of
+
+- ``prologue``  replicated on every CompNode over the *full* token range: token-indexed
+                integer inputs and what is computed from them alone (positions, document ids,
+                key validity) - O(B*N) integers, cheap to repeat;
+- ``static``    replicated, no token dim (parameters, weight-only arithmetic);
+- ``comp``      token-local work of a CompNode on its own tokens;
+- ``attn``      the AttnNode side: key shards and partial attentions;
+- ``epilogue``  ops after the last attention that pick or pool tokens (BERT's pooler on
+                token 0, last-token logits): they run where the outputs are gathered;
+
+and ``meta["fxdisagg.layer"]``: the number of attentions upstream (the stage). A ``comp``
+node that scans, reduces or mixes over a token dim raises `TokenLocalityError` naming the
+node, the op and this pass. The dependency DAG is analysed with networkx (cycles, reach).
+Counts: ``partition.<role>`` per role.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from fxdisagg.errors import TokenLocalityError
+from fxdisagg.graph import describe_node, has_seq, is_seq, seq_dims, val
+from fxdisagg.pipeline import PassContext
+
+aten = torch.ops.aten
+TAKE_SHARD = torch.ops.fxdisagg.take_shard.default
+PARTIAL = torch.ops.fxdisagg.partial_attention.default
+MERGE = torch.ops.fxdisagg.expsum_merge.default
+
+ROLE, LAYER = "fxdisagg.role", "fxdisagg.layer"
+
+_SHAPE_SAFE = {
+    aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten.expand.default, aten.clone.default, aten.contiguous.default,
+    aten.alias.default, aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten._to_copy.default, aten.t.default, aten.embedding.default, aten.sym_size.int,
+    aten.stack.default, aten.type_as.default, operator.getitem,
+}
+_RESHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_DIM_ARG = {  # op -> index of its dim argument(s); those dims must not be token dims
+    aten.mean.dim: 1, aten.sum.dim_IntList: 1, aten.amax.default: 1, aten.amin.default: 1,
+    aten.var.correction: 1, aten.std.correction: 1, aten.softmax.int: 1, aten._softmax.default: 1,
+    aten.log_softmax.int: 1, aten._log_softmax.default: 1, aten.cumsum.default: 1,
+    aten.argmax.default: 1, aten.select.int: 1, aten.split.Tensor: 2,
+    aten.split_with_sizes.default: 2, aten.chunk.default: 2, aten.unbind.int: 1,
+    aten.index_select.default: 1, aten.narrow.default: 1, aten.max.dim: 1, aten.min.dim: 1,
+}
+
+
+def partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    dag = _dag(gm)
+    feeds_attention = set()
+    for n in gm.graph.find_nodes(op="call_function", target=PARTIAL):
+        feeds_attention |= nx.ancestors(dag, n)
+    layer_of: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        role = _role(node, ctx, feeds_attention)
+        node.meta[ROLE] = role
+        ins = [a for a in node.all_input_nodes]
+        layer = max((layer_of[a] + (a.target is PARTIAL) for a in ins), default=0)
+        layer_of[node] = node.meta.get(LAYER, layer) if role == "attn" else layer
+        node.meta.setdefault(LAYER, layer_of[node])
+        ctx.count(f"partition.{role}")
+    return gm
+
+
+def _dag(gm: fx.GraphModule) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for n in gm.graph.nodes:
+        dag.add_node(n)
+        for a in n.all_input_nodes:
+            dag.add_edge(a, n)
+    if not nx.is_directed_acyclic_graph(dag):
+        raise TokenLocalityError("partition: the graph has a cycle")
+    return dag
+
+
+def _role(node: fx.Node, ctx, feeds_attention) -> str:
+    ins = node.all_input_nodes
+    roles = [a.meta[ROLE] for a in ins]
+    if node.op == "placeholder":
+        return "prologue"
+    if node.op == "get_attr":
+        return "static"
+    if node.op == "output":
+        return "output"
+    if node.target in (TAKE_SHARD, PARTIAL) or (node.target in (operator.getitem, aten.stack.default)
+                                                and roles and all(r == "attn" for r in roles)):
+        return "attn"
+    if "epilogue" in roles:
+        return "epilogue"
+    if all(r == "prologue" or (r == "static" and not _is_float(a)) for r, a in zip(roles, ins)):
+        return "prologue"
+    if not any(has_seq(a, ctx.seq) for a in ins) and not has_seq(node, ctx.seq) \
+            and all(r in ("static", "prologue") for r in roles):
+        return "static"
+    problem = _locality_problem(node, ctx.seq)
+    if problem is None:
+        return "comp"
+    if node not in feeds_attention:
+        return "epilogue"
+    raise TokenLocalityError(
+        f"partition: {describe_node(node)} (op {node.target}) runs on a CompNode but {problem}; "
+        f"a CompNode holds only its own tokens, so this op would need tokens of other "
+        f"CompNodes. Only attention may mix tokens; if this op is part of an attention "
+        f"spelling fxdisagg does not know, use attn_implementation='sdpa'.")
+
+
+def _is_float(n) -> bool:
+    v = val(n)
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def _locality_problem(node: fx.Node, seq) -> str | None:
+    """None when ``node`` treats every token independently, else what it does wrong."""
+    t = node.target
+    tensor_ins = [a for a in node.all_input_nodes if isinstance(val(a), torch.Tensor)]
+    if t is MERGE or (hasattr(t, "tags") and torch.Tag.pointwise in t.tags) or t in _SHAPE_SAFE:
+        return None
+    if t is aten.dropout.default:
+        return None if not node.args[2] else "it is a training-mode dropout"
+    if t in _RESHAPE:
+        return _reshape_problem(node, seq)
+    if t in _DIM_ARG:
+        dims = node.args[_DIM_ARG[t]] if len(node.args) > _DIM_ARG[t] else 0
+        x = node.args[0]
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        bad = [d for d in dims if d % max(val(x).dim(), 1) in seq_dims(x, seq)]
+        return f"it reduces or indexes over token dim {bad}" if bad else None
+    if t in (aten.slice.Tensor,):
+        return _slice_problem(node, seq)
+    if t is aten.cat.default:
+        d = node.args[1] if len(node.args) > 1 else 0
+        x = node.args[0][0]
+        return "it concatenates along the token dim" if d % val(x).dim() in seq_dims(x, seq) else None
+    if t in (aten.layer_norm.default, aten.rms_norm.default, aten.native_layer_norm.default):
+        k = len(node.args[1])
+        x = node.args[0]
+        return "it normalises over the token dim" if any(d >= val(x).dim() - k for d in seq_dims(x, seq)) else None
+    if t in (aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default):
+        a, b = node.args[0], node.args[1]
+        if val(a).dim() - 1 in seq_dims(a, seq):
+            return "it contracts over the token dim"
+        if has_seq(b, seq):
+            return "its second operand is token-indexed (tokens would mix)"
+        return None
+    if t in (aten.addmm.default,):
+        return None if not has_seq(node.args[2], seq) else "its weight is token-indexed"
+    if not any(has_seq(a, seq) for a in tensor_ins):
+        return None  # factories and ops on replicated values
+    return "fxdisagg does not know whether this op keeps tokens apart"
+
+
+def _reshape_problem(node, seq) -> str | None:
+    x = node.args[0]
+    i, o = seq_dims(x, seq), seq_dims(node, seq)
+    if len(i) != 1 or len(o) != 1:
+        return "it merges or splits the token dim"
+    after_in = math.prod(int(s) for s in val(x).shape[i[0] + 1:])
+    after_out = math.prod(int(s) for s in val(node).shape[o[0] + 1:])
+    return None if after_in == after_out else "it moves data across the token dim"
+
+
+def _slice_problem(node, seq) -> str | None:
+    x, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    if dim % val(x).dim() not in seq_dims(x, seq):
+        return None
+    start = node.args[2] if len(node.args) > 2 else None
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    full_end = end is None or (isinstance(end, int) and end >= 2 ** 62) or \
+        (isinstance(end, fx.Node) and is_seq(val(end), seq))
+    if start in (None, 0) and step == 1 and full_end:
+        return None
+    return "it slices the token dim"
