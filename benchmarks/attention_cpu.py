@@ -3,8 +3,8 @@
 Measures, side by side in one run, for each beta:
   - fused:   `F.scaled_dot_product_attention(q, k, v, is_causal=True)` over the full sequence;
   - sharded: beta x beta R-sharded tiles, `partial_attention` (torch backend) per tile, then
-             one `expsum_merge` per query shard (stacking the partials is included, as the
-             merge needs them in one buffer).
+             one `expsum_merge` per query shard, fed the beta partials as a list (as a
+             receiver of separate messages holds them; no stacking copy).
 Shard tensors are made once, outside the timed region, like the tensors an AttnNode
 receives. Repeats are interleaved (fused, sharded, fused, ...) and medians compared, so
 that load from other processes affects both alike.
@@ -15,6 +15,8 @@ Usage: python benchmarks/attention_cpu.py [--quick] [--n N] [--repeats R] [--bet
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 
@@ -22,6 +24,26 @@ import torch
 import torch.nn.functional as F
 
 from fxdisagg.kernels import expsum_merge, partial_attention
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep freed tensor memory in the process instead of returning it to the OS.
+
+    glibc serves each multi-MB tensor with a fresh mmap and gives it back on free, so every
+    tile output pays ~1 page fault per 4 KiB on first touch (~1.6 us each here: 10-15 ms
+    per sharded run at N=4096, 0 for the single fused call, whose one buffer is reused).
+    A long-running AttnNode process reuses its buffers; this makes the benchmark do the same
+    (the usual fix is jemalloc/tcmalloc). Process-wide, benchmark only; False if not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
+    if not hasattr(libc, "mallopt"):
+        return False
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest allowed: 32 MiB
+    return bool(ok and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def make_shards(q, k, v, beta):
@@ -34,18 +56,25 @@ def make_shards(q, k, v, beta):
     return qs, kvs
 
 
+def run_tiles(qs, kvs):
+    """The beta^2 AttnNode tiles: partial attention of every query shard over every key shard."""
+    return [
+        [partial_attention(q_i, k_j, v_j, qpos_i, kpos_j, causal=True, backend="torch")
+         for k_j, v_j, kpos_j in kvs]
+        for q_i, qpos_i in qs
+    ]
+
+
+def merge_all(parts):
+    """The query owners' expsum-merges: one per query shard, over its beta partials."""
+    return [
+        expsum_merge([o for o, _ in row], [l for _, l in row], backend="torch") for row in parts
+    ]
+
+
 def run_sharded(qs, kvs):
     """All beta^2 tiles, then the merge of each query shard: the AttnNode + merge work."""
-    results = []
-    for q_i, qpos_i in qs:
-        parts = [
-            partial_attention(q_i, k_j, v_j, qpos_i, kpos_j, causal=True, backend="torch")
-            for k_j, v_j, kpos_j in kvs
-        ]
-        outs = torch.stack([o for o, _ in parts])  # [beta, B, H, Mq, D]
-        lses = torch.stack([l for _, l in parts])  # [beta, B, H, Mq]
-        results.append(expsum_merge(outs, lses, backend="torch"))
-    return results
+    return merge_all(run_tiles(qs, kvs))
 
 
 def timed(fn) -> float:
@@ -54,19 +83,23 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench(n: int, heads: int, dim: int, beta: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of (fused, sharded), measured interleaved."""
+def bench(n: int, heads: int, dim: int, beta: int, repeats: int) -> dict[str, float]:
+    """Median seconds of fused, sharded (tiles + merges) and tiles alone, measured interleaved."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))  # [B, H, N, D]
     qs, kvs = make_shards(q, k, v, beta)
-    fused = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    sharded = lambda: run_sharded(qs, kvs)
-    fused(), sharded()  # warm-up
-    t_fused, t_sharded = [], []
+    runs = {
+        "fused": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sharded": lambda: run_sharded(qs, kvs),
+        "tiles": lambda: run_tiles(qs, kvs),
+    }
+    for fn in runs.values():  # warm-up
+        fn()
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        t_fused.append(timed(fused))
-        t_sharded.append(timed(sharded))
-    return statistics.median(t_fused), statistics.median(t_sharded)
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -77,17 +110,21 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--betas", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc malloc as it is (see tune_glibc_malloc)")
     args = parser.parse_args()
+    tuned = False if args.default_malloc else tune_glibc_malloc()
     n = args.n or (1024 if args.quick else 4096)
     repeats = args.repeats or (5 if args.quick else 11)
     print(f"N={n} H={args.heads} D={args.dim} B=1 fp32, threads={torch.get_num_threads()}, "
-          f"repeats={repeats} (medians)")
+          f"repeats={repeats} (medians), glibc malloc tuned={tuned}")
     goals = {2: 1.15, 4: 1.3}
     for beta in args.betas:
-        t_f, t_s = bench(n, args.heads, args.dim, beta, repeats)
+        t = bench(n, args.heads, args.dim, beta, repeats)
         goal = f" (goal <= {goals[beta]})" if beta in goals else ""
-        print(f"beta={beta}: fused {t_f * 1e3:8.2f} ms   sharded {t_s * 1e3:8.2f} ms   "
-              f"ratio {t_s / t_f:.3f}{goal}")
+        print(f"beta={beta}: fused {t['fused'] * 1e3:8.2f} ms   sharded {t['sharded'] * 1e3:8.2f} ms   "
+              f"ratio {t['sharded'] / t['fused']:.3f}{goal}   "
+              f"[tiles alone {t['tiles'] / t['fused']:.3f}, merges {(t['sharded'] - t['tiles']) * 1e3:.2f} ms]")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,10 @@ BACKENDS = ("torch", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check(cond: bool, op: str, msg: str) -> None:
+def _check(cond: bool, op: str, msg) -> None:
+    """Raise KernelError(op: msg) unless cond; msg may be a callable, built only on failure."""
     if not cond:
-        raise KernelError(f"{op}: {msg}")
+        raise KernelError(f"{op}: {msg() if callable(msg) else msg}")
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
@@ -55,20 +56,25 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> st
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     op = "partial_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(isinstance(t, Tensor), op, f"{name} must be a Tensor, got {type(t).__name__}")
-        _check(t.dim() == 4, op, f"{name} must be 4-D [B, H, M, D], got {describe(t)}")
-        _check(t.dtype in FLOAT_DTYPES, op, f"{name} must be one of {FLOAT_DTYPES}, got {describe(t)}")
-    shapes = f"q={describe(q)}, k={describe(k)}, v={describe(v)}"
-    _check(q.dtype == k.dtype == v.dtype, op, f"q, k, v must share a dtype; {shapes}")
-    _check(q.device == k.device == v.device, op, f"q, k, v must share a device; {shapes}")
-    _check(k.shape == v.shape, op, f"k and v must have the same shape; {shapes}")
-    _check(q.shape[0] == k.shape[0], op, f"batch sizes differ; {shapes}")
-    _check(q.shape[3] == k.shape[3] and q.shape[3] > 0, op, f"head dims differ or are 0; {shapes}")
+        _check(isinstance(t, Tensor), op, lambda: f"{name} must be a Tensor, got {type(t).__name__}")
+        _check(t.dim() == 4, op, lambda: f"{name} must be 4-D [B, H, M, D], got {describe(t)}")
+        _check(t.dtype in FLOAT_DTYPES, op, lambda: f"{name} must be one of {FLOAT_DTYPES}, got {describe(t)}")
+
+    def shapes() -> str:
+        return f"q={describe(q)}, k={describe(k)}, v={describe(v)}"
+
+    _check(q.dtype == k.dtype == v.dtype, op, lambda: f"q, k, v must share a dtype; {shapes()}")
+    _check(q.device == k.device == v.device, op, lambda: f"q, k, v must share a device; {shapes()}")
+    _check(k.shape == v.shape, op, lambda: f"k and v must have the same shape; {shapes()}")
+    _check(q.shape[0] == k.shape[0], op, lambda: f"batch sizes differ; {shapes()}")
+    _check(
+        q.shape[3] == k.shape[3] and q.shape[3] > 0, op, lambda: f"head dims differ or are 0; {shapes()}"
+    )
     hq, hkv = q.shape[1], k.shape[1]
     _check(
         hkv > 0 and hq % hkv == 0,
         op,
-        f"query heads Hq={hq} must be a positive multiple of kv heads Hkv={hkv}; {shapes}",
+        lambda: f"query heads Hq={hq} must be a positive multiple of kv heads Hkv={hkv}; {shapes()}",
     )
 
 
@@ -77,11 +83,11 @@ def _check_token_feature(
 ) -> None:
     """A per-token feature is `[M]` or `[B, M]` of the given dtype, on the tensors' device."""
     op = "partial_attention"
-    _check(isinstance(t, Tensor), op, f"{name} must be a Tensor, got {type(t).__name__}")
-    _check(t.dtype == dtype, op, f"{name} must have dtype {dtype}, got {describe(t)}")
-    _check(t.device == device, op, f"{name} must be on {device}, got {describe(t)}")
+    _check(isinstance(t, Tensor), op, lambda: f"{name} must be a Tensor, got {type(t).__name__}")
+    _check(t.dtype == dtype, op, lambda: f"{name} must have dtype {dtype}, got {describe(t)}")
+    _check(t.device == device, op, lambda: f"{name} must be on {device}, got {describe(t)}")
     ok = tuple(t.shape) in ((length,), (batch, length))
-    _check(ok, op, f"{name} must have shape [{length}] or [{batch}, {length}], got {describe(t)}")
+    _check(ok, op, lambda: f"{name} must have shape [{length}] or [{batch}, {length}], got {describe(t)}")
 
 
 def _check_features(q, k, q_pos, k_pos, window, q_doc, k_doc, k_valid) -> None:
@@ -134,27 +140,48 @@ def partial_attention(
     return out.contiguous(), lse.contiguous()
 
 
-def _check_merge(outs: Tensor, lses: Tensor) -> None:
+def _check_merge(outs, lses) -> int:
+    """Validate P partials (stacked tensors or sequences of tensors); returns P."""
     op = "expsum_merge"
-    _check(isinstance(outs, Tensor) and isinstance(lses, Tensor), op, "outs and lses must be Tensors")
-    shapes = f"outs={describe(outs)}, lses={describe(lses)}"
-    _check(outs.dim() == 5, op, f"outs must be 5-D [P, B, H, M, D]; {shapes}")
-    _check(outs.dtype in FLOAT_DTYPES, op, f"outs must be one of {FLOAT_DTYPES}; {shapes}")
-    _check(lses.dtype == torch.float32, op, f"lses must be float32; {shapes}")
-    _check(lses.shape == outs.shape[:-1], op, f"lses must be [P, B, H, M] matching outs; {shapes}")
-    _check(outs.shape[0] > 0, op, f"need at least one partial (P >= 1); {shapes}")
-    _check(outs.device == lses.device, op, f"outs and lses must share a device; {shapes}")
+    stacked = isinstance(outs, Tensor), isinstance(lses, Tensor)
+    _check(stacked[0] == stacked[1], op, "outs and lses must both be Tensors or both sequences")
+    if stacked[0]:
+        _check(outs.dim() == 5, op, lambda: f"outs must be 5-D [P, B, H, M, D], got {describe(outs)}")
+        _check(
+            lses.shape == outs.shape[:-1],
+            op,
+            lambda: f"lses must be [P, B, H, M] matching outs; outs={describe(outs)}, lses={describe(lses)}",
+        )
+        p = outs.shape[0]
+    else:
+        p = len(outs)
+        _check(len(lses) == p, op, f"got {p} outs but {len(lses)} lses")
+        _check(p > 0 and all(isinstance(t, Tensor) for t in (*outs, *lses)), op, "need P >= 1 Tensors")
+        for o, l in zip(outs, lses):
+            ok = o.dim() == 4 and o.shape == outs[0].shape and l.shape == o.shape[:-1]
+            _check(ok, op, lambda: f"partials must be [B, H, M, D] and [B, H, M]; got {describe(o)}, {describe(l)}")
+    _check(p > 0, op, "need at least one partial (P >= 1)")
+    for o, l in zip(outs, lses):
+        _check(o.dtype in FLOAT_DTYPES, op, lambda: f"outs must be one of {FLOAT_DTYPES}; got {describe(o)}")
+        _check(o.dtype == outs[0].dtype, op, lambda: f"outs must share a dtype; got {describe(o)}")
+        _check(l.dtype == torch.float32, op, lambda: f"lses must be float32; got {describe(l)}")
+        _check(o.device == l.device == outs[0].device, op, lambda: f"partials must share a device; got {describe(o)}, {describe(l)}")
+    return p
 
 
-def expsum_merge(outs: Tensor, lses: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def expsum_merge(outs, lses, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Exact merge of P partials: `lse = logsumexp_p lses[p]`, `out = sum_p exp(lses[p]-lse) outs[p]`.
 
-    outs `[P, B, H, M, D]` (any float dtype), lses fp32 `[P, B, H, M]`. Computed in fp32,
-    out returned in outs' dtype `[B, H, M, D]`, lse fp32 `[B, H, M]`. Rows that are -inf
-    in every partial give out 0 and lse -inf.
+    outs `[P, B, H, M, D]` (any float dtype), lses fp32 `[P, B, H, M]`; or, equivalently,
+    sequences of P tensors `[B, H, M, D]` / `[B, H, M]` (what a receiver of separate
+    messages holds; saves stacking). Computed in fp32, out returned in outs' dtype
+    `[B, H, M, D]`, lse fp32 `[B, H, M]`. Rows that are -inf in every partial give out 0
+    and lse -inf. Outputs never alias the inputs, even for P == 1.
     """
     _check_merge(outs, lses)
-    name = resolve_backend(backend, outs.device, "expsum_merge")
+    name = resolve_backend(backend, outs[0].device, "expsum_merge")
+    if name != "torch" and not isinstance(outs, Tensor):
+        outs, lses = torch.stack(list(outs)), torch.stack(list(lses))  # [P, B, H, M, D], [P, B, H, M]
     out, lse = _merge_impl(name)(outs, lses)
     return out.contiguous(), lse.contiguous()
 

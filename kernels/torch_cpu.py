@@ -22,7 +22,7 @@ a math formulation in fp32 is used. Inputs are assumed validated by `api.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,6 @@ from fxdisagg.kernels.reference import expand_kv_heads, visibility
 NEG_INF = float("-inf")
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-CHUNK = 256  # rows per chunk of a causal triangle; see `_causal_chunked`
 
 
 @dataclass
@@ -153,59 +152,26 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tenso
     return out.reshape(b, hq, mq, d), lse.reshape(b, hq, mq)
 
 
-def _merge_two(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor, out: Tensor, lse: Tensor) -> None:
-    """Merge two partials with finite lse into the views out `[B, H, c, D]`, lse `[B, H, c]`."""
-    l = torch.logaddexp(l1, l2)  # [B, H, c]
-    w1 = torch.exp(l1 - l).unsqueeze(-1)  # [B, H, c, 1]
-    w2 = torch.exp(l2 - l).unsqueeze(-1)
-    torch.mul(o1, w1, out=out)
-    out.addcmul_(o2, w2)
-    lse.copy_(l)
-
-
-def _causal_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor, lse: Tensor) -> None:
-    """Top-left causal attention (row r sees keys [0, r]) written into out/lse, by row chunks.
-
-    The CPU kernel computes whole 512-key blocks, so one causal call over a short tile
-    wastes up to half its work on the diagonal (1.5x at 1024 rows, 1.25x at 2048). A chunk of
-    CHUNK rows starting at r0 instead costs one unmasked call over keys [0, r0) plus one
-    causal call over the CHUNK-square diagonal block, merged: waste CHUNK/(2*rows).
-    """
-    mq, mk = q.shape[2], k.shape[2]
-    if mq < 2 * CHUNK:
-        o, l = _flash(q, k, v, scale, True)
-        out.copy_(o)
-        lse.copy_(l)
-        return
-    for r0 in range(0, mq, CHUNK):
-        r1 = min(r0 + CHUNK, mq)
-        qc = q[:, :, r0:r1]  # [B, H, c, D]
-        o_c, l_c = out[:, :, r0:r1], lse[:, :, r0:r1]
-        if r0 >= mk:  # every key is in the past of every row of the chunk
-            o1, l1 = _flash(qc, k, v, scale, False)
-            o_c.copy_(o1)
-            l_c.copy_(l1)
-            continue
-        o2, l2 = _flash(qc, k[:, :, r0:r1], v[:, :, r0:r1], scale, True)  # diagonal block
-        if r0 == 0:
-            o_c.copy_(o2)
-            l_c.copy_(l2)
-            continue
-        o1, l1 = _flash(qc, k[:, :, :r0], v[:, :, :r0], scale, False)  # keys before the chunk
-        _merge_two(o1, l1, o2, l2, o_c, l_c)
-
-
 def _triangle(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int) -> tuple[Tensor, Tensor]:
-    """Causal tile `tril(0)`: row a sees keys [0, a]. `tril(-1)`: row 0 empty, rows 1.. causal."""
+    """Causal tile `tril(0)`: one top-left causal call (row a sees keys [0, a]).
+    `tril(-1)`: row 0 sees nothing, rows 1.. are a causal call on `q[:, :, 1:]`.
+
+    One call per tile on purpose: cutting the triangle into row or key chunks removes some
+    of the kernel's diagonal-block waste but costs more in smaller GEMMs and extra passes
+    (measured on CPU), and every extra parallel region is slow when cores are shared.
+    """
     k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])  # [B, Hq, Mk, D]
+    if offset == 0:
+        return _flash(q, k, v, scale, True)
+    if q.shape[2] == 1:
+        return _empty_rows(q)
+    o1, l1 = _flash(q[:, :, 1:], k, v, scale, True)  # [B, Hq, Mq-1, D]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Hq, Mq, D]
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # [B, Hq, Mq]
-    if offset == -1:
-        out[:, :, 0] = 0.0
-        lse[:, :, 0] = NEG_INF
-    r = -offset  # first row that sees a key
-    if q.shape[2] > r:
-        _causal_chunked(q[:, :, r:], k, v, scale, out[:, :, r:], lse[:, :, r:])
+    out[:, :, 0] = 0.0
+    lse[:, :, 0] = NEG_INF
+    out[:, :, 1:] = o1
+    lse[:, :, 1:] = l1
     return out, lse
 
 
@@ -291,18 +257,27 @@ def partial_attention(
     return _math(q, k, v, scale, f)
 
 
-def expsum_merge(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
-    """See `api.expsum_merge`. outs `[P, B, H, M, D]`, lses fp32 `[P, B, H, M]`.
+def expsum_merge(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """See `api.expsum_merge`. P partials out `[B, H, M, D]` and lse fp32 `[B, H, M]`, given as
+    `[P, ...]` tensors or sequences of P tensors (no stacking copy needed).
 
-    fp32 accumulation, one multiply-add pass per partial (P is beta: small); a partial with
-    lse -inf gets weight exactly 0, and a row -inf everywhere gets lse -inf and out 0.
+    Folds the partials in one at a time: with L the running lse and w = exp(lse_p - L_new),
+    the running out becomes `lerp(out, out_p, w)` = (1 - w) out + w out_p: one fp32 pass
+    over the data per partial. A partial with lse -inf gets w = 0 exactly, so a row -inf
+    in every partial keeps lse -inf and out 0 (partial rows with lse -inf must be finite;
+    `partial_attention` gives 0 there).
     """
-    lse_max = lses.amax(dim=0)  # [B, H, M]
-    lse_max = torch.where(torch.isneginf(lse_max), 0.0, lse_max)
-    lse = lse_max + torch.log(torch.exp(lses - lse_max).sum(dim=0))  # -inf if all -inf
-    lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)
-    weights = torch.exp(lses - lse_safe)[..., None]  # [P, B, H, M, 1]
-    out = outs[0].float() * weights[0]  # [B, H, M, D] fp32
-    for p in range(1, outs.shape[0]):
-        out.addcmul_(outs[p], weights[p])
-    return out.to(outs.dtype), lse
+    lse = lses[0]  # [B, H, M]
+    out = outs[0].float()  # [B, H, M, D] fp32
+    if len(outs) == 1:
+        return out.to(outs[0].dtype, copy=True), lse.clone()
+    for p in range(1, len(outs)):
+        new = torch.logaddexp(lse, lses[p])  # -inf only if both are -inf
+        w = torch.exp(lses[p] - torch.where(torch.isneginf(new), 0.0, new))  # [B, H, M]
+        out_p = outs[p].float()
+        if p == 1:
+            out = torch.lerp(out, out_p, w.unsqueeze(-1))  # a new tensor: never the input
+        else:
+            out.lerp_(out_p, w.unsqueeze(-1))
+        lse = new
+    return out.to(outs[0].dtype), lse
