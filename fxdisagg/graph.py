@@ -34,6 +34,15 @@ def seq_dims(node, seq) -> list[int]:
     return [d for d, s in enumerate(v.shape) if is_seq(s, seq)]
 
 
+def token_dims(node, seq) -> list[int]:
+    """Dims whose size involves the sequence length: ``N`` itself or a merged dim such as
+    ``B*N`` (HF's Conv1D flattens batch and tokens into rows)."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return []
+    return [d for d, s in enumerate(v.shape) if mentions_seq(s, seq)]
+
+
 def has_seq(node, seq) -> bool:
     v = val(node)
     if isinstance(v, torch.Tensor):

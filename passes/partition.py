@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxdisagg.errors import TokenLocalityError
-from fxdisagg.graph import describe_node, has_seq, is_seq, seq_dims, val
+from fxdisagg.graph import describe_node, has_seq, is_seq, token_dims, val
 from fxdisagg.pipeline import PassContext
 
 aten = torch.ops.aten
@@ -134,21 +134,21 @@ def _locality_problem(node: fx.Node, seq) -> str | None:
         dims = node.args[_DIM_ARG[t]] if len(node.args) > _DIM_ARG[t] else 0
         x = node.args[0]
         dims = [dims] if isinstance(dims, int) else list(dims or [])
-        bad = [d for d in dims if d % max(val(x).dim(), 1) in seq_dims(x, seq)]
+        bad = [d for d in dims if d % max(val(x).dim(), 1) in token_dims(x, seq)]
         return f"it reduces or indexes over token dim {bad}" if bad else None
     if t in (aten.slice.Tensor,):
         return _slice_problem(node, seq)
     if t is aten.cat.default:
         d = node.args[1] if len(node.args) > 1 else 0
         x = node.args[0][0]
-        return "it concatenates along the token dim" if d % val(x).dim() in seq_dims(x, seq) else None
+        return "it concatenates along the token dim" if d % val(x).dim() in token_dims(x, seq) else None
     if t in (aten.layer_norm.default, aten.rms_norm.default, aten.native_layer_norm.default):
         k = len(node.args[1])
         x = node.args[0]
-        return "it normalises over the token dim" if any(d >= val(x).dim() - k for d in seq_dims(x, seq)) else None
+        return "it normalises over the token dim" if any(d >= val(x).dim() - k for d in token_dims(x, seq)) else None
     if t in (aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default):
         a, b = node.args[0], node.args[1]
-        if val(a).dim() - 1 in seq_dims(a, seq):
+        if val(a).dim() - 1 in token_dims(a, seq):
             return "it contracts over the token dim"
         if has_seq(b, seq):
             return "its second operand is token-indexed (tokens would mix)"
@@ -161,8 +161,10 @@ def _locality_problem(node: fx.Node, seq) -> str | None:
 
 
 def _reshape_problem(node, seq) -> str | None:
+    """A reshape keeps tokens apart when exactly one dim carries tokens on each side (N, or
+    merged with leading dims as B*N) and the row size after it is unchanged."""
     x = node.args[0]
-    i, o = seq_dims(x, seq), seq_dims(node, seq)
+    i, o = token_dims(x, seq), token_dims(node, seq)
     if len(i) != 1 or len(o) != 1:
         return "it merges or splits the token dim"
     after_in = math.prod(int(s) for s in val(x).shape[i[0] + 1:])
@@ -172,7 +174,7 @@ def _reshape_problem(node, seq) -> str | None:
 
 def _slice_problem(node, seq) -> str | None:
     x, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
-    if dim % val(x).dim() not in seq_dims(x, seq):
+    if dim % val(x).dim() not in token_dims(x, seq):
         return None
     start = node.args[2] if len(node.args) > 2 else None
     end = node.args[3] if len(node.args) > 3 else None
