@@ -1,0 +1,67 @@
+"""Small real HF models built from configs with fixed seeds, and the comparison the tests,
+examples and benchmarks share. No hub downloads: every model is random-initialised."""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("llama", "gpt2", "bert", "mistral", "qwen2")
+
+
+def tiny_model(family: str, *, attn: str = "sdpa", layers: int = 2, hidden: int = 64,
+               heads: int = 4, kv_heads: int = 2, vocab: int = 128, seed: int = 0,
+               sliding_window: int = 5, dtype=torch.float32) -> torch.nn.Module:
+    """An eval-mode HF model of ``family`` (GQA for llama/mistral/qwen2, sliding window
+    ``sliding_window`` for mistral, qkv bias for qwen2)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, attn_implementation=attn)
+    if family == "llama":
+        m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                               num_hidden_layers=layers, num_attention_heads=heads,
+                                               num_key_value_heads=kv_heads, **common))
+    elif family == "gpt2":
+        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads,
+                                             n_positions=512, **common))
+    elif family == "bert":
+        m = tf.BertModel(tf.BertConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                       num_attention_heads=heads, intermediate_size=2 * hidden, **common))
+    elif family == "mistral":
+        m = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                                   num_key_value_heads=kv_heads,
+                                                   sliding_window=sliding_window, **common))
+    elif family == "qwen2":
+        m = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden,
+                                               num_hidden_layers=layers, num_attention_heads=heads,
+                                               num_key_value_heads=kv_heads, **common))
+    else:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    return m.to(dtype).eval()
+
+
+def inputs(family: str, batch: int, n: int, *, vocab: int = 128, seed: int = 1, padding: bool | None = None):
+    """Token ids (and for BERT, or when ``padding``, an attention mask with left padding on
+    the last row: the first n//3 tokens of row batch-1 are padding)."""
+    g = torch.Generator().manual_seed(seed)
+    kw = {"input_ids": torch.randint(0, vocab, (batch, n), generator=g)}
+    if padding if padding is not None else family == "bert":
+        mask = torch.ones(batch, n, dtype=torch.long)
+        mask[-1, : n // 3] = 0
+        kw["attention_mask"] = mask
+    return kw
+
+
+def reference(model, kw):
+    """The unmodified model's first output (logits / last hidden state)."""
+    with torch.no_grad():
+        extra = {"use_cache": False} if "use_cache" in model.forward.__code__.co_varnames else {}
+        return model(**kw, **extra)[0]
+
+
+def rel_error(ours: torch.Tensor, ref: torch.Tensor, kw) -> float:
+    """max |ours - ref| / max |ref| over positions the model defines (padding excluded)."""
+    keep = kw["attention_mask"].bool() if "attention_mask" in kw else torch.ones(ref.shape[:2], dtype=torch.bool)
+    diff = (ours.double() - ref.double()).abs()[keep]
+    return float(diff.max() / ref.double().abs()[keep].max()) if diff.numel() else 0.0
