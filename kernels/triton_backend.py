@@ -35,8 +35,10 @@ fixed config is used instead of autotuning, and tracing with fake tensors skips 
 (the interpreter cannot run on fakes; shapes are all a fake run needs).
 """
 
+import functools
 import logging
 import math
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -347,13 +349,30 @@ def _expsum_merge_impl(outs: torch.Tensor, lses: torch.Tensor) -> Tuple[torch.Te
     return out, lse
 
 
+def _serialised_when_interpreted(impl):
+    """Triton's CPU interpreter patches module-level state while a kernel runs, so two
+    threads interpreting at once (the in-process runtime runs one thread per AttnNode)
+    corrupt each other. Compiled kernels need no lock."""
+    if not INTERPRETED:
+        return impl
+
+    @functools.wraps(impl)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return impl(*args, **kwargs)
+    return locked
+
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _register(name: str, impl):
     """Compiled kernels: `triton_op`, so torch.compile can see through to the kernel.
     Interpreter: a plain opaque `custom_op` with the same body as fake kernel, because
     interpreted kernels cannot be traced into graphs (AOT dispatch would otherwise trace
     the body with the launch skipped)."""
     if INTERPRETED:
-        op = torch.library.custom_op(name, impl, mutates_args=())
+        op = torch.library.custom_op(name, _serialised_when_interpreted(impl), mutates_args=())
         op.register_fake(impl)
         return op
     return triton_op(name, impl, mutates_args=())
