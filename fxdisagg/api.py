@@ -131,6 +131,8 @@ class DisaggregatedModel:
         self._last_n = n
         plan = self.plan_for(n)
         outs = self._run(programs, plan, flat)
+        if outs is None:          # torchrun: only rank 0 returns the outputs
+            return None
         return pytree.tree_unflatten(outs, cap.out_spec)
 
     def _run(self, programs, plan, flat):
@@ -138,9 +140,20 @@ class DisaggregatedModel:
         if self.launch == "inprocess":
             from fxdisagg.runtime import inprocess
             return inprocess.run(programs, plan, flat, timeout=timeout)
-        raise ConfigError(f"launch={self.launch!r} is not available yet; use launch='inprocess'")
+        from fxdisagg.errors import WorkerError
+        from fxdisagg.runtime import distributed
+        if self._runtime is None:
+            self._runtime = distributed.make_runtime(self.launch, self.alpha, self.beta,
+                                                     self.sharding, timeout)
+        try:
+            return self._runtime.run(programs, plan, flat)
+        except WorkerError:
+            if self.launch == "spawn":   # its workers are gone; the next call starts fresh ones
+                self.close()
+            raise
 
     def close(self) -> None:
+        """Stop the workers (spawn) or leave the process group fxdisagg created (torchrun)."""
         if self._runtime is not None:
             self._runtime.close()
             self._runtime = None

@@ -151,18 +151,21 @@ class Plan:
 
     # -- traffic -------------------------------------------------------------------------
     def layer_bytes(self, *, batch: int, q_heads: int, kv_heads: int, head_dim: int,
-                    elem_bytes: int, feature_bytes_per_token: int = 8) -> dict[str, int]:
+                    elem_bytes: int, feature_bytes_per_token: int = 16) -> dict[str, int]:
         """Bytes one layer's collectives move (all ranks together).
 
         dispatch: every query row of shard i goes to the beta AttnNodes (i, *), every key/value
         row of shard j to the beta AttnNodes (*, j), each with its per-token mask features.
+        ``feature_bytes_per_token`` counts the features of both sides of one token: query side
+        (q_pos, q_doc) plus key side (k_pos, k_doc, k_valid); the default is the two int64
+        positions. The sides may differ (padding travels with keys only).
         return: every AttnNode sends each of its query rows back: out (input dtype) + lse (fp32).
         """
         n, beta = self.n_tokens, self.beta
         q = batch * q_heads * head_dim * elem_bytes
         kv = 2 * batch * kv_heads * head_dim * elem_bytes
         feats = feature_bytes_per_token
-        dispatch = beta * n * (q + kv + 2 * feats)
+        dispatch = beta * n * (q + kv + feats)
         ret = beta * n * batch * q_heads * (head_dim * elem_bytes + 4)
         return {"dispatch": dispatch, "return": ret}
 
