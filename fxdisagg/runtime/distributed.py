@@ -206,7 +206,7 @@ def _unpack(buf: torch.Tensor, specs) -> list[torch.Tensor]:
     for dtype, shape in specs:
         nb = _nbytes(dtype, shape)
         piece = buf[off:off + nb]
-        if off % dtype.itemsize:
+        if piece.storage_offset() % dtype.itemsize:
             piece = piece.clone()            # view(dtype) needs an aligned offset
         out.append(piece.view(dtype).view(shape))
         off += nb
@@ -481,6 +481,7 @@ class SpawnRuntime:
                     self._fail(WorkerError(self._stall_message(pending, timeout)))
                 continue
             if msg[0] == "error":
+                self._killed_first()             # a peer's death shows up as a gloo error here
                 self._fail(_worker_error(self.layout, msg[1], msg[2], msg[3]))
             got[msg[1]] = msg
             pending.discard(msg[1])
@@ -490,18 +491,32 @@ class SpawnRuntime:
         dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
         if not dead:
             return
+        self._killed_first()
         try:                                     # a worker that raised reports before exiting
             msg = self.res_q.get(timeout=1.0)
             if msg[0] == "error":
                 self._fail(_worker_error(self.layout, msg[1], msg[2], msg[3]))
         except queue.Empty:
             pass
-        r = dead[0]
+        self._fail(self._death(dead[0]))
+
+    def _killed_first(self, grace: float = 0.2) -> None:
+        """If a worker was killed by a signal, that is the root cause: report it."""
+        deadline = time.monotonic() + grace
+        while True:
+            killed = [r for r, p in enumerate(self.procs) if not p.is_alive() and (p.exitcode or 0) < 0]
+            if killed:
+                self._fail(self._death(killed[0]))
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+
+    def _death(self, r: int) -> WorkerError:
         code = self.procs[r].exitcode
         how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
                else f"exited with code {code}")
-        layer = int(self.progress[r])
-        self._fail(_worker_error(self.layout, r, layer, f"the worker process (pid {self.procs[r].pid}) {how}"))
+        return _worker_error(self.layout, r, int(self.progress[r]),
+                             f"the worker process (pid {self.procs[r].pid}) {how}")
 
     def _stall_message(self, pending, timeout) -> str:
         who = ", ".join(self.layout.describe(r) for r in sorted(pending))
