@@ -1,0 +1,70 @@
+"""Overhead of the distributed runtime over processes versus the eager model in one process.
+
+A mid-size Llama (hidden 512, 8 layers, 8 heads, fp32) at N tokens, batch 1:
+  - eager:  the unmodified HF model in this process;
+  - (1, 1): one CompNode + one AttnNode process over gloo (launch="spawn"): the cost of the
+            runtime itself (export-captured programs, two all_to_alls per layer, inputs and
+            frontier through the driver channel), with no parallelism to hide it;
+  - (2, 2): two CompNodes and four AttnNodes, beside it for scale (on a machine with fewer
+            cores than workers it measures contention, not speed-up).
+Workers start before timing (first call); repeats are interleaved (eager, (1,1), (2,2), ...)
+and medians compared, so load from other processes affects all alike. Goal: (1,1)/eager <= 1.2.
+
+Usage: python benchmarks/runtime_cpu.py [--quick] [--n N] [--repeats R] [--no-22]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fxdisagg
+from fxdisagg.testing import inputs, reference, rel_error, tiny_model
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="N=256, 3 repeats")
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-22", action="store_true", help="skip the (2, 2) column")
+    args = ap.parse_args()
+    n, repeats = (256, 3) if args.quick else (args.n, args.repeats)
+
+    model = tiny_model("llama", layers=8, hidden=512, heads=8, kv_heads=8, vocab=1024)
+    kw = inputs("llama", 1, n, vocab=1024)
+    grids = [(1, 1)] + ([] if args.no_22 else [(2, 2)])
+    dms = {g: fxdisagg.compile(model, *g, example_inputs=inputs("llama", 1, 16, vocab=1024),
+                               launch="spawn", timeout=600, max_len=max(n, 4096)) for g in grids}
+    try:
+        ref = reference(model, kw)
+        for g, dm in dms.items():                          # start workers, check numbers
+            err = rel_error(dm(**kw)[0], ref, kw)
+            print(f"{g}: rel error vs eager {err:.1e}")
+        times = {"eager": []} | {g: [] for g in grids}
+        for _ in range(repeats):
+            times["eager"].append(timed(lambda: reference(model, kw)))
+            for g, dm in dms.items():
+                times[g].append(timed(lambda dm=dm: dm(**kw)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"N={n}, hidden 512, 8 layers, 8 heads, fp32, {torch.get_num_threads()} threads, "
+              f"{repeats} interleaved repeats (median):")
+        print(f"  eager            {med['eager'] * 1e3:9.1f} ms")
+        for g in grids:
+            print(f"  alpha,beta={g}  {med[g] * 1e3:9.1f} ms   ratio {med[g] / med['eager']:.2f}x")
+    finally:
+        for dm in dms.values():
+            dm.close()
+
+
+if __name__ == "__main__":
+    main()
