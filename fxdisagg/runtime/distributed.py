@@ -165,7 +165,7 @@ class ProgramBlob:
     """
 
     def __init__(self, gm):
-        fn, (body, import_block) = gm.__reduce__()
+        _, (body, import_block) = gm.__reduce__()
         self.body, self.import_block, self.code = body, import_block, gm.code
 
     def load(self) -> torch.nn.Module:
