@@ -32,6 +32,8 @@ def main() -> None:
                                           kv_heads=cfg.num_key_value_heads,
                                           head_dim=cfg.hidden_size // cfg.num_attention_heads,
                                           elem_bytes=4)))
+        for layer, moved in sorted(dm.traffic.items())[:2]:
+            print(f"  measured layer {layer}: dispatch {moved['dispatch']:,}  return {moved['return']:,} bytes")
         err = rel_error(out.logits, reference(model, kw), kw)
         print(f"launch={dm.launch}: max |ours - model| / max |model| = {err:.2e} (fp32 goal 1e-4)")
         print(f"time per forward: {dt * 1e3:.1f} ms for {args.tokens} tokens")

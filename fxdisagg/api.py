@@ -119,6 +119,12 @@ class DisaggregatedModel:
         return next(reversed(self._compiled.values()))[1]
 
     @property
+    def traffic(self) -> dict[int, dict[str, int]]:
+        """Bytes each layer's dispatch and return moved in the latest call, counted by the
+        distributed runtime (empty in-process, where nothing crosses a process boundary)."""
+        return dict(self._runtime.traffic) if self._runtime is not None else {}
+
+    @property
     def counts(self) -> dict[str, int]:
         return next(reversed(self._compiled.values()))[2].counts
 

@@ -83,7 +83,7 @@ def _check_lengths(family, model, dm, feature_bytes=None):
         assert err <= FP32_TOL, f"{family} alpha={dm.alpha} beta={dm.beta} N={n}: {err:.2e}"
         if feature_bytes is not None:
             want = _expected_bytes(dm, feature_bytes)
-            traffic = dm._runtime.traffic
+            traffic = dm.traffic
             assert sorted(traffic) == [s.layer for s in dm.programs.layers]
             for layer, got in traffic.items():
                 assert got == want, f"{family} N={n} layer {layer}: moved {got}, Plan says {want}"
