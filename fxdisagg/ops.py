@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fxdisagg import comm
+from fxdisagg.kernels.reference import expand_kv_heads, visibility
 from fxdisagg.plan import assign
 
 
@@ -33,13 +34,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Op
     """softmax(q k^T * scale + mask) v with GQA by head mapping. ``mask`` is bool (True =
     visible) or additive float, broadcastable to [B, Hq, Mq, Mk]; positions default to the
     token index. Rows with no visible key give 0. Runs in the input dtype with fp32 softmax."""
-    b, hq, mq, d = q.shape
-    group = hq // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # [B, Hq, Mk, D]
-    v = v.repeat_interleave(group, dim=1)
-    mk = k.shape[2]
+    k = expand_kv_heads(k, q.shape[1])  # [B, Hq, Mk, D]
+    v = expand_kv_heads(v, q.shape[1])
+    mq, mk = q.shape[2], k.shape[2]
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hq, Mq, Mk]
-    visible = _feature_visibility(q, mq, mk, q_pos, k_pos, q_doc, k_doc, k_valid, causal, window)
+    q_pos = q_pos if q_pos is not None else torch.arange(mq, device=q.device)
+    k_pos = k_pos if k_pos is not None else torch.arange(mk, device=q.device)
+    visible = visibility(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid)[:, None]
     if mask is not None:
         if mask.dtype == torch.bool:
             visible = visible & mask
@@ -48,27 +49,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Op
     scores = scores.masked_fill(~visible, -math.inf)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs @ v.float()).to(q.dtype)
-
-
-def _feature_visibility(q, mq, mk, q_pos, k_pos, q_doc, k_doc, k_valid, causal, window) -> Tensor:
-    dev = q.device
-    qp = q_pos if q_pos is not None else torch.arange(mq, device=dev)
-    kp = k_pos if k_pos is not None else torch.arange(mk, device=dev)
-    qp, kp = _rows(qp), _rows(kp)  # [B|1, M]
-    vis = torch.ones(1, 1, mq, mk, dtype=torch.bool, device=dev)
-    if causal:
-        vis = vis & (kp[:, None, None, :] <= qp[:, None, :, None])
-    if window is not None:
-        vis = vis & (qp[:, None, :, None] - kp[:, None, None, :] < window)
-    if q_doc is not None:
-        vis = vis & (_rows(q_doc)[:, None, :, None] == _rows(k_doc)[:, None, None, :])
-    if k_valid is not None:
-        vis = vis & _rows(k_valid)[:, None, None, :]
-    return vis
-
-
-def _rows(x: Tensor) -> Tensor:
-    return x if x.dim() == 2 else x[None]
 
 
 @attention.register_fake

@@ -180,3 +180,36 @@ def test_torchrun_llama_example():
     errs = [float(x) for x in re.findall(r"max rel error ([0-9.e+-]+)", proc.stdout)]
     assert len(errs) == len(LENGTHS), proc.stdout
     assert max(errs) <= FP32_TOL
+
+
+def _schedule_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from fxdisagg.errors import WorkerError
+    from fxdisagg.runtime.distributed import _check_same_schedule
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _check_same_schedule("schedule-A" if rank == 0 else "schedule-B")
+        results.put((rank, "ran"))
+    except WorkerError as e:
+        results.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_schedules_refuse_to_run():
+    import torch.multiprocessing as mp
+
+    from fxdisagg.runtime.distributed import _free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_schedule_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert all("different schedule" in got[r] for r in (0, 1)), got
