@@ -171,6 +171,24 @@ def test_sigkill_raises_within_timeout():
     dm.close()
 
 
+def test_sigkill_in_the_middle_of_a_call_raises_within_timeout():
+    """An AttnNode dies at layer 1 while its peers wait in that layer's collective."""
+    model = tiny_model("llama")
+    dm = fxdisagg.compile(model, 2, 2, example_inputs=inputs("llama", BATCH, 16),
+                          launch="spawn", timeout=5)
+    kw = inputs("llama", BATCH, 7)
+    dm(**kw)
+    dm._runtime._inject_fault(rank=3, layer=1, kill=True)   # AttnNode (0, 1)
+    t0 = time.monotonic()
+    with pytest.raises(fxdisagg.WorkerError, match=r"(?s)AttnNode \(0, 1\) \(rank 3\).*SIGKILL"):
+        dm(**kw)
+    assert time.monotonic() - t0 <= 5 + 10
+    assert _no_workers_left()
+    assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL  # fresh workers
+    dm.close()
+    assert _no_workers_left()
+
+
 def test_torchrun_llama_example():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=5",
            str(ROOT / "examples" / "torchrun_llama.py"), "--alpha", "1", "--beta", "2"]

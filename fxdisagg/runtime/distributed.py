@@ -227,7 +227,8 @@ class GlooTransport:
         self.plan: Plan | None = None
         self.layer = None
         self.sent: dict[tuple[int, str], int] = {}
-        self.fault_layer = None              # test hook: raise when entering this layer
+        self.fault_layer = None              # test hook: fail when entering this layer
+        self.fault_kill = False              # ... by raising, or by SIGKILL of this process
 
     def start(self, plan: Plan) -> None:
         self.plan, self.layer, self.sent = plan, None, {}
@@ -238,6 +239,8 @@ class GlooTransport:
         if self.progress is not None:
             self.progress[self.rank] = layer
         if self.fault_layer == layer:
+            if self.fault_kill:
+                os.kill(os.getpid(), signal.SIGKILL)   # dies mid-call, peers in a collective
             raise RuntimeError(f"injected fault at layer {layer} ({direction})")
         world = self.layout.world
         parts = [[_as_bytes(t) for t in send.get(r, [])] for r in range(world)]
@@ -341,7 +344,7 @@ def _worker_main(rank, layout, port, timeout, strategy, cmd_q, res_q, progress, 
                 break
             if msg[0] == "fault":
                 for t in programs.values():
-                    t[1].fault_layer = msg[1]
+                    t[1].fault_layer, t[1].fault_kill = msg[1], msg[2]
                 continue
             if msg[0] == "setup":
                 _, key, schedule, blob = msg
@@ -460,9 +463,10 @@ class SpawnRuntime:
         self._keys[id(programs)] = (key, programs)
         return key
 
-    def _inject_fault(self, rank: int, layer: int) -> None:
-        """Test hook: make ``rank`` raise when it reaches ``layer`` on later calls."""
-        self.cmd_qs[rank].put(("fault", layer))
+    def _inject_fault(self, rank: int, layer: int, *, kill: bool = False) -> None:
+        """Test hook: make ``rank`` raise (or SIGKILL itself, ``kill``) when it reaches
+        ``layer`` on later calls."""
+        self.cmd_qs[rank].put(("fault", layer, kill))
 
     # -- waiting -------------------------------------------------------------------------------
     def _await(self, ranks, timeout: float) -> dict[int, tuple]:
