@@ -75,20 +75,26 @@ class DisaggregatedModel:
         self.model, self.alpha, self.beta, self.sharding = model, alpha, beta, sharding
         self.launch, self.dump_dir, self.options = launch, dump_dir, options
         self.max_len = options.get("max_len") or getattr(model.config, "max_position_embeddings", 4096)
-        self._compiled: dict[int, tuple[Captured, RolePrograms, PassContext]] = {}
+        self._compiled: dict[tuple, tuple[Captured, RolePrograms, PassContext]] = {}
         self._plans: dict[int, Plan] = {}
         self._last_n = None
         self._runtime = None
 
     # -- compilation ------------------------------------------------------------------------
     def prepare(self, inputs: dict[str, Any]):
-        """Capture and compile for the batch size of ``inputs`` (once per batch size)."""
-        first = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
-        batch = first.shape[0]
-        if batch not in self._compiled:
-            self._compiled[batch] = self._compile(_capture_example(inputs))
+        """Capture and compile for the batch size and the non-tensor settings of ``inputs``
+        (``logits_to_keep=1``, ...), once each: every sequence length shares the capture."""
+        tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        settings = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor) and v is not None}
+        if not tensors:
+            raise InputError("call the model with token-indexed tensors (input_ids=...)")
+        first = next(iter(tensors.values()))
+        key = (first.shape[0], tuple(sorted((k, repr(v)) for k, v in settings.items()
+                                            if k != "use_cache")))
+        if key not in self._compiled:
+            self._compiled[key] = self._compile({**_capture_example(tensors), **settings})
         self._last_n = self._last_n or first.shape[1]
-        return self._compiled[batch]
+        return self._compiled[key]
 
     def _compile(self, example):
         cap = capture(self.model, example, max_len=self.max_len)
@@ -101,7 +107,7 @@ class DisaggregatedModel:
         programs = insert_collectives(gm, ctx)
         if ctx.dumper:
             ctx.dumper.programs(gm, programs, ctx)
-            ctx.dumper.plan(self.plan_for(example[next(iter(example))].shape[1]))
+            ctx.dumper.plan(self.plan_for(next(iter(example.values())).shape[1]))
         return cap, programs, ctx
 
     def plan_for(self, n: int) -> Plan:
@@ -131,7 +137,7 @@ class DisaggregatedModel:
     # -- execution --------------------------------------------------------------------------
     def __call__(self, **kwargs):
         check_inference(self.model, kwargs)
-        cap, programs, ctx = self.prepare({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        cap, programs, ctx = self.prepare(kwargs)
         flat = flat_inputs(cap, kwargs)
         n = flat[0].shape[1]
         self._last_n = n

@@ -63,8 +63,9 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len
         raise InputError(f"inputs {unknown} are not token-indexed inputs fxdisagg knows "
                          f"({', '.join(TOKEN_INPUTS)}); pass only those as tensors")
     n_dim = torch.export.Dim("N", min=1, max=max_len)
-    kwargs = dict(tensors)
-    dynamic = {k: {1: n_dim} for k in tensors}
+    settings = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor) and v is not None}
+    kwargs = {**tensors, **settings}     # settings (logits_to_keep=1, ...) are baked in
+    dynamic = {k: ({1: n_dim} if k in tensors else None) for k in kwargs}
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
         dynamic["use_cache"] = None

@@ -54,3 +54,20 @@ def test_bert_pooler_runs_in_the_epilogue():
     assert "select" in dm.programs.epilogue.code
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=0, atol=1e-5)
     assert rel_error(out.last_hidden_state, ref.last_hidden_state, kw) <= 1e-4
+
+
+def test_last_token_logits_run_in_the_epilogue():
+    """logits_to_keep=1 slices the last token after the last attention: not refused, run
+    where the outputs are gathered; a setting like it is baked into its own capture."""
+    model = tiny_model("llama")
+    dm = fxdisagg.compile(model, 2, 2, launch="inprocess")
+    for n in (1, 9, 30):
+        kw = inputs("llama", 2, n)
+        out = dm(**kw, logits_to_keep=1)
+        with torch.no_grad():
+            ref = model(**kw, use_cache=False, logits_to_keep=1).logits
+        assert out.logits.shape == ref.shape == (2, 1, 128)
+        torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    assert "slice" in dm.programs.epilogue.code
+    full = dm(**inputs("llama", 2, 9))
+    assert full.logits.shape == (2, 9, 128) and len(dm._compiled) == 2
