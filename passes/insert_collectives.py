@@ -169,6 +169,7 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes) -> fx.GraphModule:
         if a not in local:
             local[a] = g.call_function(aten.index_select.default, (env[a], dims[0], tokens))
             local[a].name = f"local_{a.name}"
+            local[a].meta["val"] = val(a)  # in a CompNode program the symbol counts local tokens
         return local[a]
 
     def remap(a: fx.Node) -> fx.Node:

@@ -109,8 +109,6 @@ def piece_signatures(comp_gm) -> dict[int, list[tuple[torch.dtype, tuple]]]:
 
 def _signature(node) -> tuple[torch.dtype, tuple]:
     v = node.meta.get("val")
-    if v is None and node.target is torch.ops.aten.index_select.default:
-        v = node.args[0].meta.get("val")     # a prologue value localised to the CompNode
     if not isinstance(v, torch.Tensor):
         raise ConfigError(f"distributed runtime: dispatched value {node.name} has no tensor "
                           f"metadata; cannot size the exchange buffers")
