@@ -29,7 +29,11 @@ def token_dim(t: Tensor) -> int:
 
 
 def _rows(t: Tensor, rows: Tensor) -> Tensor:
-    return t.index_select(token_dim(t), rows.to(t.device))
+    """Rows ``rows`` (sorted, unique) of t's token dim; all of them is t itself, no copy."""
+    d = token_dim(t)
+    if len(rows) == t.shape[d]:
+        return t
+    return t.index_select(d, rows.to(t.device))
 
 
 def active_comp_nodes(plan: Plan) -> list[int]:
@@ -47,12 +51,19 @@ def split_dispatch(plan: Plan, c: int, q_side: list[Tensor], k_side: list[Tensor
 def assemble_tile(plan: Plan, i: int, j: int, pieces: list[list[Tensor]], n_q: int) -> list[Tensor]:
     """AttnNode (i, j): join the pieces of the active CompNodes (rank order) into its tile,
     rows sorted by token. ``n_q`` leading entries are query-side (shard i), the rest key-side."""
-    out = []
+    out, storages = [], set()
     for p in range(len(pieces[0])):
         parts = [pc[p] for pc in pieces]
-        joined = torch.cat(parts, dim=token_dim(parts[0]))
-        order = plan.arrival_order(i if p < n_q else j).to(joined.device)
-        out.append(joined.index_select(token_dim(joined), order))
+        d = token_dim(parts[0])
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=d)
+        shard = i if p < n_q else j
+        if not plan.arrives_sorted(shard):
+            joined = joined.index_select(d, plan.arrival_order(shard).to(joined.device))
+        storage = joined.untyped_storage().data_ptr()
+        if storage in storages:
+            joined = joined.clone()  # an op's outputs may not alias (q_pos is k_pos on a diagonal tile)
+        storages.add(storage)
+        out.append(joined)
     return out
 
 
@@ -67,6 +78,10 @@ def assemble_partials(plan: Plan, c: int, replies: dict) -> tuple[Tensor, Tensor
     ``lses [beta, B, H, n_c]`` in c's local token order, one partial per key shard j."""
     o0, l0 = replies[(0, 0)]
     n = len(plan.comp_tokens[c])
+    if plan.beta == 1:                       # one tile: its rows are all of c's, in order
+        if o0.untyped_storage().data_ptr() == l0.untyped_storage().data_ptr():
+            l0 = l0.clone()                  # unpacked from one buffer: outputs may not alias
+        return o0.unsqueeze(0), l0.unsqueeze(0)
     outs = o0.new_empty((plan.beta, o0.shape[0], o0.shape[1], n, o0.shape[3]))
     lses = l0.new_empty((plan.beta, l0.shape[0], l0.shape[1], n))
     for (i, j), (o, l) in replies.items():

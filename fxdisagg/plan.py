@@ -127,6 +127,14 @@ class Plan:
         positions (its causal structure stays a triangle)."""
         return self._arrival_order[i]
 
+    def arrives_sorted(self, i: int) -> bool:
+        """True when shard i's pieces already arrive in token order (one CompNode, say)."""
+        return self._arrives_sorted[i]
+
+    @functools.cached_property
+    def _arrives_sorted(self):
+        return tuple(bool(torch.equal(o, torch.arange(len(o)))) for o in self._arrival_order)
+
     @functools.cached_property
     def _arrival_order(self):
         orders = []

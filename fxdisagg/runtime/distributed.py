@@ -41,6 +41,7 @@ specs and the piece signatures) and refuses to run otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -399,6 +400,21 @@ def _stop(procs, cmd_qs, grace: float) -> None:
             p.join(5.0)
 
 
+@contextlib.contextmanager
+def _worker_environment():
+    """Environment the spawned workers inherit. Workers take turns (a CompNode waits while
+    AttnNodes compute and back): with OpenMP's default active wait, an idle worker's threads
+    spin and steal the cores of the busy one (measured: (2, 2) at N=2048 on 2 cores went from
+    3.2x to 1.6x the eager time with passive waiting). A user's own setting wins."""
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 class SpawnRuntime:
     """Driver of alpha + beta**2 spawned workers (see the module docstring)."""
 
@@ -418,8 +434,9 @@ class SpawnRuntime:
         self._keys: dict[int, tuple[int, object]] = {}
         self.traffic: dict[int, dict[str, int]] = {}   # layer -> direction -> bytes, last call
         self.failed = False
-        for p in self.procs:
-            p.start()
+        with _worker_environment():
+            for p in self.procs:
+                p.start()
         log.info("started %d workers on port %d", world, port)
         self._await(range(world), START_TIMEOUT)
 
