@@ -3,8 +3,8 @@ model, move exactly the bytes the Plan says, and fail loudly, within the timeout
 process behind.
 
 Worlds are small (this suite shares a 2-core machine): each model is compiled once and
-called for every length, so workers start once per model. Qwen2 at (1, 4) needs 17 workers
-and runs only with FXDISAGG_BIG_WORLDS=1.
+called for every length, so workers start once per model. Qwen2 at (1, 4) is the one large
+world (17 workers), as the issue asks.
 """
 
 import multiprocessing
@@ -119,10 +119,9 @@ def test_mistral_sliding_window_3x2():
         _check_lengths("mistral", model, dm)
 
 
-@pytest.mark.parametrize("alpha,beta", [(1, 2), pytest.param(1, 4, marks=pytest.mark.skipif(
-    not os.environ.get("FXDISAGG_BIG_WORLDS"), reason="17 workers; set FXDISAGG_BIG_WORLDS=1"))])
-def test_qwen2(alpha, beta):
-    model, dm = _compile("qwen2", alpha, beta)
+def test_qwen2_1x4():
+    """17 workers (1 CompNode + 16 AttnNodes): the largest world of the suite, ~45 s here."""
+    model, dm = _compile("qwen2", 1, 4)
     with dm:
         _check_lengths("qwen2", model, dm)
 
