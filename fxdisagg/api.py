@@ -48,10 +48,11 @@ def compile(model: torch.nn.Module, alpha: int = 1, beta: int = 1, *, example_in
     launch = launch or _default_launch()
     if launch not in LAUNCHES:
         raise ConfigError(f"launch={launch!r}; choose one of {LAUNCHES}")
-    unknown = set(options) - {"max_len", "kernel", "timeout", "world"}
+    unknown = set(options) - {"max_len", "kernel", "timeout"}
     if unknown:
         raise ConfigError(f"unknown options {sorted(unknown)}; known: max_len, kernel, timeout")
-    if options.get("kernel", "") not in KERNELS:
+    options["kernel"] = options.get("kernel") or ""      # None: chosen by device, as in the kernel API
+    if options["kernel"] not in KERNELS:
         raise ConfigError(f"kernel={options['kernel']!r}; choose one of {KERNELS[1:]}")
     check_inference(model, example_inputs or {})
     dm = DisaggregatedModel(model, alpha, beta, sharding, launch,
@@ -78,6 +79,7 @@ class DisaggregatedModel:
         self._compiled: dict[tuple, tuple[Captured, RolePrograms, PassContext]] = {}
         self._plans: dict[int, Plan] = {}
         self._last_n = None
+        self._last_key = None
         self._runtime = None
 
     # -- compilation ------------------------------------------------------------------------
@@ -89,14 +91,17 @@ class DisaggregatedModel:
         if not tensors:
             raise InputError("call the model with token-indexed tensors (input_ids=...)")
         first = next(iter(tensors.values()))
+        if first.dim() < 2 or first.shape[1] < 1:
+            raise InputError(f"inputs need a [batch, seq >= 1] token dim, got shape {tuple(first.shape)}")
         key = (first.shape[0], tuple(sorted((k, repr(v)) for k, v in settings.items()
                                             if k != "use_cache")))
         if key not in self._compiled:
-            self._compiled[key] = self._compile({**_capture_example(tensors), **settings})
+            self._compiled[key] = self._compile({**_capture_example(tensors), **settings}, first.shape[1])
         self._last_n = self._last_n or first.shape[1]
+        self._last_key = key
         return self._compiled[key]
 
-    def _compile(self, example):
+    def _compile(self, example, n_tokens: int):
         cap = capture(self.model, example, max_len=self.max_len)
         ctx = PassContext(seq=cap.seq, alpha=self.alpha, beta=self.beta, strategy=self.sharding,
                           kernel=self.options.get("kernel", ""))
@@ -107,7 +112,7 @@ class DisaggregatedModel:
         programs = insert_collectives(gm, ctx)
         if ctx.dumper:
             ctx.dumper.programs(gm, programs, ctx)
-            ctx.dumper.plan(self.plan_for(next(iter(example.values())).shape[1]))
+            ctx.dumper.plan(self.plan_for(n_tokens))
         return cap, programs, ctx
 
     def plan_for(self, n: int) -> Plan:
@@ -119,10 +124,16 @@ class DisaggregatedModel:
     def plan(self) -> Plan | None:
         return self.plan_for(self._last_n) if self._last_n else None
 
+    def _latest(self):
+        if self._last_key is None:
+            raise InputError("nothing is compiled yet: pass example_inputs to fxdisagg.compile "
+                             "or call the model once")
+        return self._compiled[self._last_key]
+
     @property
     def programs(self) -> RolePrograms:
-        """Role programs of the most recent capture."""
-        return next(reversed(self._compiled.values()))[1]
+        """Role programs of the capture the latest call used."""
+        return self._latest()[1]
 
     @property
     def traffic(self) -> dict[int, dict[str, int]]:
@@ -132,7 +143,7 @@ class DisaggregatedModel:
 
     @property
     def counts(self) -> dict[str, int]:
-        return next(reversed(self._compiled.values()))[2].counts
+        return self._latest()[2].counts
 
     # -- execution --------------------------------------------------------------------------
     def __call__(self, **kwargs):
@@ -152,16 +163,15 @@ class DisaggregatedModel:
         if self.launch == "inprocess":
             from fxdisagg.runtime import inprocess
             return inprocess.run(programs, plan, flat, timeout=timeout)
-        from fxdisagg.errors import WorkerError
         from fxdisagg.runtime import distributed
         if self._runtime is None:
             self._runtime = distributed.make_runtime(self.launch, self.alpha, self.beta,
-                                                     self.sharding, timeout)
+                                                     self.sharding, timeout, _device(self.model))
         try:
             return self._runtime.run(programs, plan, flat)
-        except WorkerError:
-            if self.launch == "spawn":   # its workers are gone; the next call starts fresh ones
-                self.close()
+        except BaseException:
+            if self.launch == "spawn":   # failed or interrupted: its workers can not serve
+                self.close()             # another call; the next call starts fresh ones
             raise
 
     def close(self) -> None:
@@ -175,6 +185,10 @@ class DisaggregatedModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def _capture_example(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -159,7 +159,7 @@ class Interpreter:
 
     def _slice(self, n: fx.Node) -> Term:
         x = self.term(n.args[0])
-        dim, start, end = (list(n.args[1:4]) + [0, None, None])[:3]
+        dim, start, end = list(n.args[1:4]) + [0, None, None][len(n.args[1:4]):]
         step = n.args[4] if len(n.args) > 4 else 1
         size = val(n.args[0]).shape[dim]
         if start in (0, None) and step == 1 and (end is None or end >= 2 ** 62 or
@@ -241,7 +241,8 @@ class Classifier:
         if expr[0] == "where":
             cond, a, b = expr[1:]
             if a == ("const", 0.0) or a == ("const", 0):
-                if b[0] == "const" and b[1] <= -1e30 or b == ("const", float("-inf")):
+                # HF fills with finfo(dtype).min: -3.4e38 (fp32, bf16) or -65504 (fp16)
+                if b[0] == "const" and b[1] <= torch.finfo(torch.float16).min:
                     expr = cond
         for atom in self._conjuncts(expr):
             self._atom(atom)

@@ -143,7 +143,7 @@ def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
     new = _emit(gm, pv, q, k, pv.args[1], mask, scale * 1.0, False)
     pv.replace_all_uses_with(new)
     # erase the matched chain explicitly: DCE keeps dropout (a seeded-random op)
-    for n in reversed([qk, *{scores: None, x: None}, softmax, *chain]):
+    for n in reversed(list(dict.fromkeys([qk, scores, x, softmax, *chain]))):
         if not n.users:
             gm.graph.erase_node(n)
     ctx.count("find_attention.eager")

@@ -12,7 +12,8 @@ Guarantees: every node has ``meta["fxdisagg.role"]``, one of
 - ``epilogue``  ops after the last attention that pick or pool tokens (BERT's pooler on
                 token 0, last-token logits): they run where the outputs are gathered;
 
-and ``meta["fxdisagg.layer"]``: the number of attentions upstream (the stage). A ``comp``
+and ``meta["fxdisagg.layer"]``: the stage, i.e. the number of attention merges upstream
+(the nodes of attention l itself carry l). A ``comp``
 node that scans, reduces or mixes over a token dim raises `TokenLocalityError` naming the
 node, the op and this pass. The dependency DAG is analysed with networkx (cycles, reach).
 Counts: ``partition.<role>`` per role.
@@ -55,6 +56,9 @@ _DIM_ARG = {  # op -> index of its dim argument(s); those dims must not be token
     aten.index_select.default: 1, aten.narrow.default: 1, aten.max.dim: 1, aten.min.dim: 1,
 }
 
+_DIM_DEFAULT_0 = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+                  aten.unbind.int}  # ops whose omitted dim means dim 0, not "every dim"
+
 
 def partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     dag = _dag(gm)
@@ -65,10 +69,8 @@ def partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in gm.graph.nodes:
         role = _role(node, ctx, feeds_attention)
         node.meta[ROLE] = role
-        ins = [a for a in node.all_input_nodes]
-        layer = max((layer_of[a] + (a.target is PARTIAL) for a in ins), default=0)
-        layer_of[node] = node.meta.get(LAYER, layer) if role == "attn" else layer
-        node.meta.setdefault(LAYER, layer_of[node])
+        layer = max((layer_of[a] + (a.target is MERGE) for a in node.all_input_nodes), default=0)
+        layer_of[node] = node.meta.setdefault(LAYER, layer)  # split_attention labelled its own
         ctx.count(f"partition.{role}")
     return gm
 
@@ -131,9 +133,11 @@ def _locality_problem(node: fx.Node, seq) -> str | None:
     if t in _RESHAPE:
         return _reshape_problem(node, seq)
     if t in _DIM_ARG:
-        dims = node.args[_DIM_ARG[t]] if len(node.args) > _DIM_ARG[t] else 0
         x = node.args[0]
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        dims = node.args[_DIM_ARG[t]] if len(node.args) > _DIM_ARG[t] else node.kwargs.get("dim")
+        if dims is None or dims == []:       # no dim: a reduction over every dim, tokens included
+            dims = list(range(val(x).dim())) if t not in _DIM_DEFAULT_0 else [0]
+        dims = [dims] if isinstance(dims, int) else list(dims)
         bad = [d for d in dims if d % max(val(x).dim(), 1) in token_dims(x, seq)]
         return f"it reduces or indexes over token dim {bad}" if bad else None
     if t in (aten.slice.Tensor,):

@@ -226,7 +226,11 @@ def test_ranks_with_different_schedules_refuse_to_run():
     procs = [ctx.Process(target=_schedule_rank, args=(r, port, results)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        got = dict(results.get(timeout=60) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
     assert all("different schedule" in got[r] for r in (0, 1)), got

@@ -36,9 +36,11 @@ def test_role_programs_show_one_dispatch_and_combine_per_layer():
                           launch="inprocess")
     comp = dm.programs.comp.code
     attn = dm.programs.attn.code
+    assert comp.count("fxdisagg.dispatch.default(") == 3 and comp.count("fxdisagg.combine.default(") == 3
     for layer in range(3):
-        assert comp.count(f"fxdisagg.dispatch.default") == 3
-        assert f"combine_layer{layer}" in comp and f"receive_layer{layer}" in attn
+        assert comp.count(f"\n    dispatch_layer{layer} = torch.ops.fxdisagg.dispatch") == 1
+        assert comp.count(f"\n    combine_layer{layer} = torch.ops.fxdisagg.combine") == 1
+        assert attn.count(f"\n    receive_layer{layer} = torch.ops.fxdisagg.receive") == 1
     assert "scaled_dot_product" not in comp and "softmax" not in comp
     assert not list(dm.programs.attn.parameters()), "AttnNodes hold no weights"
     assert "index_select" in comp  # prologue values localised to the CompNode's tokens

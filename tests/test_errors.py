@@ -143,3 +143,28 @@ def test_worker_error_names_role_and_layer(llama, monkeypatch):
     monkeypatch.setattr(kapi, "partial_attention", boom)
     with pytest.raises(WorkerError, match=r"AttnNode .* layer 0.*injected"):
         dm(**inputs("llama", 1, 8))
+
+
+class _GlobalMaxNormalised(torch.nn.Module):
+    """x / max|x| over every token: a reduction with no dim is over the token dim too."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(1, 8)
+
+    def forward(self, input_ids):
+        x = self.proj(input_ids.float()[..., None])
+        x = (x / x.abs().amax())[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+def test_reduction_over_all_dims_is_not_token_local():
+    with pytest.raises(TokenLocalityError, match="amax"):
+        _run_passes(_GlobalMaxNormalised(), [find_attention, classify_masks, split_attention, partition])
+
+
+def test_fp16_eager_mask_is_classified():
+    """HF fills fp16 additive masks with finfo(fp16).min = -65504, not -3.4e38."""
+    cap, ctx = _graph(tiny_model("llama", attn="eager", dtype=torch.float16), inputs("llama", 1, 12))
+    run_passes(cap.gm, [find_attention, fold_repeat_kv, classify_masks], ctx)
+    assert ctx.counts["classify_masks.causal"] == 2

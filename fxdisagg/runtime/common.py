@@ -1,23 +1,12 @@
-"""What every runtime shares: compiled programs for one capture, and the driver-side
-gathering of the CompNodes' frontier values into full outputs."""
+"""What every runtime shares: the driver-side gathering of the CompNodes' frontier values
+into full outputs."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
 from fxdisagg.exchange import active_comp_nodes
 from fxdisagg.plan import Plan
-
-
-@dataclasses.dataclass
-class Executable:
-    """Role programs of one capture plus how to call them (`fxdisagg.api` builds it)."""
-
-    programs: object          # passes.insert_collectives.RolePrograms
-    captured: object          # capture.Captured
-    ctx: object               # pipeline.PassContext
 
 
 def gather_frontier(plan: Plan, frontier, pieces: dict[int, tuple]) -> list:

@@ -455,7 +455,13 @@ class SpawnRuntime:
         for r in range(self.layout.world):
             comp = self.layout.role(r)[0] == COMP
             self.cmd_qs[r].put(("run", key, plan.n_tokens, flat if comp else None))
-        done = self._await(range(self.layout.world), self.timeout)
+        try:
+            done = self._await(range(self.layout.world), self.timeout)
+        except BaseException:
+            # interrupted (Ctrl-C) or failed: replies still in flight belong to this call, so
+            # these workers can never serve another one; the model restarts fresh workers
+            self.failed = True
+            raise
         self.traffic = {}
         for msg in done.values():
             for (layer, direction), nb in msg[3].items():
@@ -556,11 +562,11 @@ class SpawnRuntime:
 class TorchrunRuntime:
     """SPMD: this process is one rank of ``alpha + beta**2`` (see the module docstring)."""
 
-    def __init__(self, alpha: int, beta: int, strategy: str, timeout: float):
+    def __init__(self, alpha: int, beta: int, strategy: str, timeout: float, device=None):
         self.layout, self.strategy, self.timeout = Layout(alpha, beta), strategy, float(timeout)
         self.owns_group = not dist.is_initialized()
         self.device = torch.device("cpu")
-        if torch.cuda.is_available():
+        if torch.device(device or "cpu").type == "cuda":   # the model's device, not the machine's
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         if self.owns_group:
@@ -611,9 +617,10 @@ class TorchrunRuntime:
             self.owns_group = False
 
 
-def make_runtime(launch: str, alpha: int, beta: int, strategy: str, timeout: float):
+def make_runtime(launch: str, alpha: int, beta: int, strategy: str, timeout: float, device=None):
+    """``device``: where the model lives; under torchrun a CUDA model gets NCCL on LOCAL_RANK."""
     if launch == "spawn":
         return SpawnRuntime(alpha, beta, strategy, timeout)
     if launch == "torchrun":
-        return TorchrunRuntime(alpha, beta, strategy, timeout)
+        return TorchrunRuntime(alpha, beta, strategy, timeout, device)
     raise ConfigError(f"launch={launch!r} has no distributed runtime")
