@@ -92,15 +92,17 @@ def _(q_side, k_side, layer):
 
 
 @torch.library.custom_op("fxdisagg::combine", mutates_args=())
-def combine(ticket: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+def combine(ticket: Tensor, q: Tensor, v: Tensor, beta: int, layer: int) -> tuple[Tensor, Tensor]:
     """AttnNodes -> CompNode for one layer: the beta partial outputs and lse of this
-    CompNode's own queries, ``outs [beta, B, Hq, n, D]``, ``lses [beta, B, Hq, n]``."""
+    CompNode's own queries, ``outs [beta, B, Hq, n, Dv]``, ``lses [beta, B, Hq, n]``.
+    ``q`` and ``v`` are the dispatched ones: they give the shapes (the fake implementation)."""
     return comm.current().combine(layer)
 
 
 @combine.register_fake
-def _(ticket, layer):
-    raise NotImplementedError("fxdisagg::combine has data-dependent shapes; it is not traced")
+def _(ticket, q, v, beta, layer):
+    b, hq, n, _ = q.shape
+    return v.new_empty((beta, b, hq, n, v.shape[-1])), q.new_empty((beta, b, hq, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("fxdisagg::receive", mutates_args=())

@@ -54,7 +54,8 @@ _SAME = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.dev
 
 
 class Unclassifiable(Exception):
-    pass
+    """Internal: the mask is not provably one of the supported atoms (becomes
+    `UnsupportedMaskError` naming the layer)."""
 
 
 class Vars:

@@ -194,9 +194,10 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes) -> fx.GraphModule:
 def _exchange(g: fx.Graph, merge: fx.Node, partials: list[fx.Node], remap) -> fx.Node:
     layer = merge.meta["fxdisagg.layer"]
     q_side, k_side = _sides(partials[0])
-    ticket = g.call_function(DISPATCH, ([remap(x) for x in q_side], [remap(x) for x in k_side], layer))
+    q_side, k_side = [remap(x) for x in q_side], [remap(x) for x in k_side]
+    ticket = g.call_function(DISPATCH, (q_side, k_side, layer))
     ticket.name = f"dispatch_layer{layer}"
-    comb = g.call_function(COMBINE, (ticket, layer))
+    comb = g.call_function(COMBINE, (ticket, q_side[0], k_side[1], len(partials), layer))
     comb.name = f"combine_layer{layer}"
     outs = g.call_function(operator.getitem, (comb, 0))
     lses = g.call_function(operator.getitem, (comb, 1))

@@ -24,7 +24,8 @@ from fxdisagg.runtime.common import gather_frontier
 
 
 class _Aborted(Exception):
-    pass
+    """Raised in a worker thread after another worker failed: it stops quietly, the
+    caller reports the first failure."""
 
 
 class _Hub:
@@ -107,7 +108,7 @@ def run(programs, plan: Plan, flat_inputs: list, *, timeout: float = 300.0) -> l
             with comm.bound(endpoint), torch.no_grad():
                 results[name] = fn()
         except _Aborted:
-            pass
+            return
         except BaseException as e:  # noqa: BLE001 - reported to the caller below
             errors.append((name, endpoint.layer, e))
             hub.abort.set()
