@@ -8,8 +8,6 @@ import argparse
 import statistics
 import time
 
-import torch
-
 from fxdisagg.api import PASSES
 from fxdisagg.capture import capture
 from fxdisagg.passes.insert_collectives import insert_collectives

@@ -4,8 +4,6 @@ show the Plan, and show the result is exact against the unmodified model."""
 import argparse
 import time
 
-import torch
-
 import fxdisagg
 from fxdisagg.testing import inputs, reference, rel_error, tiny_model
 

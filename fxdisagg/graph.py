@@ -62,6 +62,3 @@ def describe_node(node: fx.Node) -> str:
 def single_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
-
-def target_name(target) -> str:
-    return getattr(target, "__name__", str(target))

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import operator
 
 import torch
 import torch.fx as fx
 
 from fxdisagg.errors import UnsupportedMaskError
-from fxdisagg.graph import describe_node, is_seq, seq_dims, val
+from fxdisagg.graph import describe_node, seq_dims, val
 from fxdisagg.pipeline import PassContext
 
 aten = torch.ops.aten

@@ -19,6 +19,7 @@ Counts: ``find_attention.sdpa``, ``find_attention.fused_sdpa``, ``find_attention
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -100,7 +101,7 @@ def _replace_fused(gm, node, ctx) -> None:
         a["attn_mask"] = a["attn_bias"]
     _check_dropout(node, a["dropout_p"])
     users = list(node.users)
-    if any(u.target is not __import__("operator").getitem or u.args[1] != 0 for u in users):
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
         raise PatternError(f"find_attention: {describe_node(node)} has users of outputs other "
                            f"than the attention output; fxdisagg can not rewrite it")
     scale = a["scale"] if a["scale"] is not None else _default_scale(a["q"])

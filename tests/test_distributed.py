@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import fxdisagg
 from fxdisagg.testing import inputs, reference, rel_error, tiny_model
@@ -155,34 +154,39 @@ def test_worker_exception_raises_with_rank_role_layer_and_traceback():
     assert _no_workers_left()
 
 
-def test_sigkill_raises_within_timeout():
+KILL_TIMEOUT = 5
+
+
+def _killed_worker_is_reported(alpha, beta, kill, pattern):
+    """Compile, run once, ``kill(runtime)``, then the next call must raise WorkerError
+    matching ``pattern`` within the timeout (+ slack) and leave no worker behind."""
     model = tiny_model("llama")
-    dm = fxdisagg.compile(model, 1, 1, example_inputs=inputs("llama", BATCH, 16),
-                          launch="spawn", timeout=5)
+    dm = fxdisagg.compile(model, alpha, beta, example_inputs=inputs("llama", BATCH, 16),
+                          launch="spawn", timeout=KILL_TIMEOUT)
     kw = inputs("llama", BATCH, 7)
     dm(**kw)
-    os.kill(dm._runtime.pids[1], signal.SIGKILL)   # the AttnNode
+    kill(dm._runtime)
     t0 = time.monotonic()
-    with pytest.raises(fxdisagg.WorkerError, match=r"(?s)AttnNode \(0, 0\) \(rank 1\).*SIGKILL"):
+    with pytest.raises(fxdisagg.WorkerError, match=pattern):
         dm(**kw)
-    assert time.monotonic() - t0 <= 5 + 10
+    assert time.monotonic() - t0 <= KILL_TIMEOUT + 10
     assert _no_workers_left()
+    return model, dm, kw
+
+
+def test_sigkill_raises_within_timeout():
+    """An AttnNode killed between calls."""
+    _, dm, _ = _killed_worker_is_reported(
+        1, 1, lambda rt: os.kill(rt.pids[1], signal.SIGKILL),
+        r"(?s)AttnNode \(0, 0\) \(rank 1\).*SIGKILL")
     dm.close()
 
 
 def test_sigkill_in_the_middle_of_a_call_raises_within_timeout():
     """An AttnNode dies at layer 1 while its peers wait in that layer's collective."""
-    model = tiny_model("llama")
-    dm = fxdisagg.compile(model, 2, 2, example_inputs=inputs("llama", BATCH, 16),
-                          launch="spawn", timeout=5)
-    kw = inputs("llama", BATCH, 7)
-    dm(**kw)
-    dm._runtime._inject_fault(rank=3, layer=1, kill=True)   # AttnNode (0, 1)
-    t0 = time.monotonic()
-    with pytest.raises(fxdisagg.WorkerError, match=r"(?s)AttnNode \(0, 1\) \(rank 3\).*SIGKILL"):
-        dm(**kw)
-    assert time.monotonic() - t0 <= 5 + 10
-    assert _no_workers_left()
+    model, dm, kw = _killed_worker_is_reported(
+        2, 2, lambda rt: rt._inject_fault(rank=3, layer=1, kill=True),
+        r"(?s)AttnNode \(0, 1\) \(rank 3\).*SIGKILL")
     assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL  # fresh workers
     dm.close()
     assert _no_workers_left()

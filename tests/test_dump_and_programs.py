@@ -1,12 +1,11 @@
 """Dumps are complete when on, and the role programs read as the design says."""
 
 import json
-import os
 
 import torch
 
 import fxdisagg
-from fxdisagg.testing import inputs, reference, rel_error, tiny_model
+from fxdisagg.testing import inputs, rel_error, tiny_model
 
 
 def test_dump_dir_writes_every_pass_programs_and_plan(tmp_path):

@@ -1,8 +1,6 @@
 """A negative test for every error a user can meet, and the rewrite counts of the passes,
 including where a rewrite must not fire."""
 
-import math
-
 import pytest
 import torch
 

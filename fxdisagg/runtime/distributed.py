@@ -390,7 +390,7 @@ def _stop(procs, cmd_qs, grace: float) -> None:
             try:
                 q.put(("close",))
             except (OSError, ValueError):
-                pass
+                pass  # queue already closed: the join/kill below still stops the worker
     deadline = time.monotonic() + grace
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -522,7 +522,7 @@ class SpawnRuntime:
             if msg[0] == "error":
                 self._fail(_worker_error(self.layout, msg[1], msg[2], msg[3]))
         except queue.Empty:
-            pass
+            pass  # no report: it died without raising (killed), reported as a death below
         self._fail(self._death(dead[0]))
 
     def _killed_first(self, grace: float = 0.2) -> None:
