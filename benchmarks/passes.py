@@ -1,6 +1,6 @@
 """Pass pipeline time on a 32-layer Llama-like graph (hidden 256) beside its export time.
 
-Goal: the passes (find_attention .. insert_collectives) take <= 1 s. Export is what
+Goal: the passes (find_attention .. lower) take <= 1 s. Export is what
 torch.export costs anyway; the ratio says what fxdisagg adds on top of it.
 """
 
@@ -10,7 +10,8 @@ import time
 
 from fxdisagg.api import PASSES
 from fxdisagg.capture import capture
-from fxdisagg.passes.insert_collectives import insert_collectives
+from fxdisagg.config import Config
+from fxdisagg.passes.lower import lower
 from fxdisagg.pipeline import PassContext, run_passes
 from fxdisagg.testing import inputs, tiny_model
 
@@ -27,9 +28,9 @@ def main() -> None:
         t0 = time.perf_counter()
         cap = capture(model, kw, max_len=4096)
         t1 = time.perf_counter()
-        ctx = PassContext(seq=cap.seq, alpha=2, beta=2)
+        ctx = PassContext(seq=cap.seq, config=Config(alpha=2, beta=2))
         gm = run_passes(cap.gm, PASSES, ctx)
-        insert_collectives(gm, ctx)
+        lower(gm, ctx)
         t2 = time.perf_counter()
         export_s.append(t1 - t0)
         passes_s.append(t2 - t1)

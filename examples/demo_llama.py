@@ -26,12 +26,13 @@ def main() -> None:
         out = dm(**kw)
         dt = time.perf_counter() - t0
         cfg = model.config
-        print(dm.plan.summary(shapes=dict(batch=1, q_heads=cfg.num_attention_heads,
-                                          kv_heads=cfg.num_key_value_heads,
-                                          head_dim=cfg.hidden_size // cfg.num_attention_heads,
-                                          elem_bytes=4)))
+        expected = dm.expected_traffic(args.tokens, batch=1)
+        print(dm.plan.summary(traffic=expected[0],
+                              ring=dict(batch=1, kv_heads=cfg.num_key_value_heads, elem_bytes=4,
+                                        head_dim=cfg.hidden_size // cfg.num_attention_heads)))
         for layer, moved in sorted(dm.traffic.items())[:2]:
-            print(f"  measured layer {layer}: dispatch {moved['dispatch']:,}  return {moved['return']:,} bytes")
+            print(f"  measured layer {layer}: dispatch {moved['dispatch']:,}  return {moved['return']:,} bytes"
+                  f" ({'equal to' if moved == expected[layer] else 'DIFFERENT from'} the prediction)")
         err = rel_error(out.logits, reference(model, kw), kw)
         print(f"launch={dm.launch}: max |ours - model| / max |model| = {err:.2e} (fp32 goal 1e-4)")
         print(f"time per forward: {dt * 1e3:.1f} ms for {args.tokens} tokens")

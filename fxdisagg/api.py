@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
+import pathlib
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 from fxdisagg.capture import Captured, capture, check_inference, flat_inputs
-from fxdisagg.errors import ConfigError, InputError
+from fxdisagg.config import Config
+from fxdisagg.errors import InputError
 from fxdisagg.passes.classify_masks import classify_masks
 from fxdisagg.passes.find_attention import find_attention
 from fxdisagg.passes.fold_repeat_kv import fold_repeat_kv
-from fxdisagg.passes.insert_collectives import RolePrograms, insert_collectives
+from fxdisagg.passes.lower import RolePrograms, lower
 from fxdisagg.passes.partition import partition
 from fxdisagg.passes.split_attention import split_attention
 from fxdisagg.pipeline import PassContext, run_passes
-from fxdisagg.plan import STRATEGIES, Plan, validate_degrees
+from fxdisagg.plan import Plan
+from fxdisagg.runtime.worker import LRU
 
 log = logging.getLogger(__name__)
 
 PASSES = [find_attention, fold_repeat_kv, classify_masks, split_attention, partition]
-LAUNCHES = ("inprocess", "spawn", "torchrun")
-KERNELS = ("", "torch", "triton", "reference")
 
 
 def compile(model: torch.nn.Module, alpha: int = 1, beta: int = 1, *, example_inputs=None,
@@ -37,53 +38,48 @@ def compile(model: torch.nn.Module, alpha: int = 1, beta: int = 1, *, example_in
         batch size fix the capture. Without it the capture happens on the first call.
     options: ``max_len`` (largest sequence length, default from the model config),
         ``kernel`` ("torch" | "triton" | "reference"; default by device), ``timeout``
-        (seconds a worker may wait for a peer).
+        (seconds a worker may make no progress), ``cache_size`` (per-length Plans and
+        schedules kept). All of it becomes one frozen `fxdisagg.config.Config`.
     """
-    validate_degrees(alpha, beta, tp)
-    if tp != 1:
-        raise ConfigError("tp > 1 (tensor-parallel CompNodes) is not available in this version; "
-                          "use tp=1 and scale with alpha")
-    if sharding not in STRATEGIES:
-        raise ConfigError(f"sharding={sharding!r} is not a placement; choose one of {STRATEGIES}")
-    launch = launch or _default_launch()
-    if launch not in LAUNCHES:
-        raise ConfigError(f"launch={launch!r}; choose one of {LAUNCHES}")
-    unknown = set(options) - {"max_len", "kernel", "timeout"}
-    if unknown:
-        raise ConfigError(f"unknown options {sorted(unknown)}; known: max_len, kernel, timeout")
-    options["kernel"] = options.get("kernel") or ""      # None: chosen by device, as in the kernel API
-    if options["kernel"] not in KERNELS:
-        raise ConfigError(f"kernel={options['kernel']!r}; choose one of {KERNELS[1:]}")
+    config = Config.of(alpha, beta, tp=tp, sharding=sharding, launch=launch, dump_dir=dump_dir,
+                       **options)
     check_inference(model, example_inputs or {})
-    dm = DisaggregatedModel(model, alpha, beta, sharding, launch,
-                            dump_dir or os.environ.get("FXDISAGG_DUMP_DIR"), options)
+    dm = DisaggregatedModel(model, config)
     if example_inputs is not None:
         dm.prepare(example_inputs)
     return dm
 
 
-def _default_launch() -> str:
-    if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        return "torchrun"
-    return "spawn"
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What one capture compiled to: the capture, its role programs and the pass counts."""
+
+    captured: Captured
+    programs: RolePrograms
+    counts: dict[str, int]
+    warnings: tuple[str, ...]
+    dump_dir: pathlib.Path | None
 
 
 class DisaggregatedModel:
     """Called like the model; ``.plan`` is the Plan of the latest length; ``close()`` stops
     workers (also a context manager)."""
 
-    def __init__(self, model, alpha, beta, sharding, launch, dump_dir, options):
-        self.model, self.alpha, self.beta, self.sharding = model, alpha, beta, sharding
-        self.launch, self.dump_dir, self.options = launch, dump_dir, options
-        self.max_len = options.get("max_len") or getattr(model.config, "max_position_embeddings", 4096)
-        self._compiled: dict[tuple, tuple[Captured, RolePrograms, PassContext]] = {}
-        self._plans: dict[int, Plan] = {}
+    def __init__(self, model: torch.nn.Module, config: Config):
+        self.model, self.config = model, config
+        self.max_len = config.max_len or getattr(model.config, "max_position_embeddings", 4096)
+        self._compiled: dict[tuple, Compiled] = {}
+        self._plans = LRU(config.cache_size)
         self._last_n = None
         self._last_key = None
         self._runtime = None
 
+    alpha = property(lambda self: self.config.alpha)
+    beta = property(lambda self: self.config.beta)
+    launch = property(lambda self: self.config.launch)
+
     # -- compilation ------------------------------------------------------------------------
-    def prepare(self, inputs: dict[str, Any]):
+    def prepare(self, inputs: dict[str, Any]) -> Compiled:
         """Capture and compile for the batch size and the non-tensor settings of ``inputs``
         (``logits_to_keep=1``, ...), once each: every sequence length shares the capture."""
         tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -96,86 +92,115 @@ class DisaggregatedModel:
         key = (first.shape[0], tuple(sorted((k, repr(v)) for k, v in settings.items()
                                             if k != "use_cache")))
         if key not in self._compiled:
-            self._compiled[key] = self._compile({**_capture_example(tensors), **settings}, first.shape[1])
+            self._compiled[key] = self._compile({**_capture_example(tensors), **settings},
+                                                first.shape[1], len(self._compiled))
         self._last_n = self._last_n or first.shape[1]
         self._last_key = key
         return self._compiled[key]
 
-    def _compile(self, example, n_tokens: int):
+    def _compile(self, example, n_tokens: int, index: int) -> Compiled:
         cap = capture(self.model, example, max_len=self.max_len)
-        ctx = PassContext(seq=cap.seq, alpha=self.alpha, beta=self.beta, strategy=self.sharding,
-                          kernel=self.options.get("kernel", ""))
-        if self.dump_dir:
+        ctx = PassContext(seq=cap.seq, config=self.config)
+        dump_dir = None
+        if self.config.dump_dir:
             from fxdisagg.dump import Dumper
-            ctx.dumper = Dumper(self.dump_dir)
+            dump_dir = pathlib.Path(self.config.dump_dir) / f"capture{index}"
+            ctx.dumper = Dumper(dump_dir)
         gm = run_passes(cap.gm, PASSES, ctx)
-        programs = insert_collectives(gm, ctx)
+        programs = lower(gm, ctx)
+        compiled = Compiled(cap, programs, ctx.counts, tuple(ctx.warnings), dump_dir)
         if ctx.dumper:
             ctx.dumper.programs(gm, programs, ctx)
-            ctx.dumper.plan(self.plan_for(n_tokens))
-        return cap, programs, ctx
+            ctx.dumper.plan(self.plan_for(n_tokens), self._runtime_free_traffic(programs, n_tokens))
+        return compiled
 
     def plan_for(self, n: int) -> Plan:
-        if n not in self._plans:
-            self._plans[n] = Plan.build(n, self.alpha, self.beta, self.sharding)
-        return self._plans[n]
+        c = self.config
+        return self._plans.get_or(n, lambda: Plan.build(n, c.alpha, c.beta, c.sharding))
 
     @property
     def plan(self) -> Plan | None:
         return self.plan_for(self._last_n) if self._last_n else None
 
-    def _latest(self):
+    def _latest(self) -> Compiled:
         if self._last_key is None:
             raise InputError("nothing is compiled yet: pass example_inputs to fxdisagg.compile "
                              "or call the model once")
         return self._compiled[self._last_key]
 
     @property
+    def compiled(self) -> Compiled:
+        """The capture the latest call used."""
+        return self._latest()
+
+    @property
     def programs(self) -> RolePrograms:
         """Role programs of the capture the latest call used."""
-        return self._latest()[1]
+        return self._latest().programs
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self._latest().counts
 
     @property
     def traffic(self) -> dict[int, dict[str, int]]:
         """Bytes each layer's dispatch and return moved in the latest call, counted by the
-        distributed runtime (empty in-process, where nothing crosses a process boundary)."""
+        transports (the in-process runtime counts what would cross a process boundary)."""
         return dict(self._runtime.traffic) if self._runtime is not None else {}
 
+    def expected_traffic(self, n_tokens: int, batch: int = 1) -> dict[int, dict[str, int]]:
+        """The bytes the schedule says a call of ``n_tokens`` tokens and ``batch`` rows moves:
+        the same structure as `traffic`, computed without running anything."""
+        compiled = self._capture_for_batch(batch)
+        return self._runtime_free_traffic(compiled.programs, n_tokens, batch)
+
+    def _capture_for_batch(self, batch: int) -> Compiled:
+        for key, compiled in self._compiled.items():
+            if key[0] == batch:
+                return compiled
+        latest = self._latest()
+        return dataclasses.replace(latest, programs=dataclasses.replace(
+            latest.programs, layers=tuple(lp.with_batch(batch) for lp in latest.programs.layers)))
+
+    def _runtime_free_traffic(self, programs, n_tokens: int, batch: int | None = None) -> dict:
+        from fxdisagg.runtime.layout import RankLayout
+        from fxdisagg.schedule import Schedule
+        c = self.config
+        layers = programs.layers if batch is None else tuple(lp.with_batch(batch) for lp in programs.layers)
+        return Schedule.build(self.plan_for(n_tokens), RankLayout(c.alpha, c.beta, c.tp), layers).traffic()
+
     @property
-    def counts(self) -> dict[str, int]:
-        return self._latest()[2].counts
+    def runtime(self):
+        """The running runtime (None before the first call or after ``close()``): ``pids``
+        of spawned workers, ``call(rank, fn, *args)`` to run a function inside a worker."""
+        return self._runtime
 
     # -- execution --------------------------------------------------------------------------
     def __call__(self, **kwargs):
         check_inference(self.model, kwargs)
-        cap, programs, ctx = self.prepare(kwargs)
-        flat = flat_inputs(cap, kwargs)
+        compiled = self.prepare(kwargs)
+        flat = flat_inputs(compiled.captured, kwargs)
         n = flat[0].shape[1]
         self._last_n = n
-        plan = self.plan_for(n)
-        outs = self._run(programs, plan, flat)
+        outs = self._run(compiled.programs, n, flat)
         if outs is None:          # torchrun: only rank 0 returns the outputs
             return None
-        return pytree.tree_unflatten(outs, cap.out_spec)
+        return pytree.tree_unflatten(outs, compiled.captured.out_spec)
 
-    def _run(self, programs, plan, flat):
-        timeout = self.options.get("timeout", 300.0)
-        if self.launch == "inprocess":
-            from fxdisagg.runtime import inprocess
-            return inprocess.run(programs, plan, flat, timeout=timeout)
-        from fxdisagg.runtime import distributed
+    def _run(self, programs, n, flat):
+        from fxdisagg.runtime import make_runtime
         if self._runtime is None:
-            self._runtime = distributed.make_runtime(self.launch, self.alpha, self.beta,
-                                                     self.sharding, timeout, _device(self.model))
+            self._runtime = make_runtime(self.config, _device(self.model))
         try:
-            return self._runtime.run(programs, plan, flat)
+            return self._runtime.run(programs, n, flat)
         except BaseException:
-            if self.launch == "spawn":   # failed or interrupted: its workers can not serve
-                self.close()             # another call; the next call starts fresh ones
+            if self.config.launch != "torchrun":   # failed or interrupted: its workers can not
+                self.close()                       # serve another call; the next starts fresh
             raise
 
     def close(self) -> None:
-        """Stop the workers (spawn) or leave the process group fxdisagg created (torchrun)."""
+        """Stop the workers (spawn, inprocess) or leave the process group fxdisagg created
+        (torchrun)."""
         if self._runtime is not None:
             self._runtime.close()
             self._runtime = None
@@ -198,4 +223,4 @@ def _capture_example(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     if n >= 8:
         return {k: v.clone() for k, v in inputs.items()}  # a view would leak its base's size
     reps = -(-8 // n)
-    return {k: v.repeat(1, reps, *([1] * (v.dim() - 2)))[:, :8] for k, v in inputs.items()}
+    return {k: v.repeat(1, reps, *([1] * (v.dim() - 2)))[:, :8].contiguous() for k, v in inputs.items()}

@@ -1,13 +1,12 @@
 """The transport a worker's communication ops run on.
 
-Role programs call ``fxdisagg::dispatch``/``combine``/``receive``/``reply``; those ops ask
-`current()` for the transport bound to the calling worker. The in-process runtime binds one
-per thread, the distributed runtime one per process. A transport implements::
+Role programs call ``fxdisagg::exchange_start`` / ``exchange_wait``; those ops ask
+`current()` for the transport bound to the calling worker (`Worker.run` binds its own; the
+in-process runtime has one per thread). A transport (`fxdisagg.runtime.transport`)
+executes the call's exchange schedule::
 
-    dispatch(layer, q_side, k_side)      # CompNode
-    combine(layer) -> (outs, lses)        # CompNode
-    receive(layer) -> list[Tensor]        # AttnNode
-    reply(layer, out, lse)                # AttnNode
+    start(layer, phase, tensors) -> handle   # pack what this rank sends, issue the exchange
+    wait(handle, rows) -> list[Tensor]        # what this rank received, laid out
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import pathlib
 import shutil
 import subprocess
 
+from fxdisagg.ir import ROLE, STAGE
+
 log = logging.getLogger(__name__)
 
 ROLE_COLOURS = {"prologue": "#e8e8e8", "static": "#ffffff", "comp": "#cfe2ff",
@@ -44,9 +46,10 @@ class Dumper:
             "".join(f"WARNING {w}\n" for w in ctx.warnings))
         self._render("roles", role_graph_dot(gm))
 
-    def plan(self, plan) -> None:
+    def plan(self, plan, traffic: dict | None = None) -> None:
         (self.root / "plan.json").write_text(plan.to_json())
-        (self.root / "plan.txt").write_text(plan.summary())
+        first = next(iter(traffic.values())) if traffic else None
+        (self.root / "plan.txt").write_text(plan.summary(traffic=first))
         self._render("plan", plan_dot(plan))
 
     def _render(self, stem: str, dot: str) -> None:
@@ -65,16 +68,16 @@ def role_graph_dot(gm) -> str:
     clusters: dict[tuple, list[str]] = {}
     edges = []
     for n in gm.graph.nodes:
-        role = n.meta.get("fxdisagg.role", "?")
+        role = n.meta.get(ROLE, "?")
         if role == "static":
             continue
-        layer = n.meta.get("fxdisagg.layer", 0)
+        layer = n.meta.get(STAGE, 0)
         label = html.escape(f"{n.name}\\n{getattr(n.target, '__name__', n.target)}")
         colour = ROLE_COLOURS.get(role, "#ffffff")
         clusters.setdefault((role, layer), []).append(
             f'"{n.name}" [label="{label}", style=filled, fillcolor="{colour}"];')
         edges += [f'"{a.name}" -> "{n.name}";' for a in n.all_input_nodes
-                  if a.meta.get("fxdisagg.role") != "static"]
+                  if a.meta.get(ROLE) != "static"]
     out = ["digraph roles {", "  rankdir=TB; node [shape=box, fontsize=9];"]
     for (role, layer), nodes in clusters.items():
         title = {"comp": "CompNode", "attn": "AttnNode"}.get(role, role)

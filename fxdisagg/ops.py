@@ -5,9 +5,11 @@
 - ``fxdisagg::take_shard``: the keys (or key features) of one attention shard, in the
   single-process graph that `split_attention` produces; runnable, so that graph can be
   checked against the model on its own.
-- Communication markers ``dispatch``/``combine`` (CompNode side) and ``receive``/``reply``
-  (AttnNode side). They appear by name in the role programs; calling them runs the
-  transport bound to the current worker (`fxdisagg.comm`).
+- Split-phase collectives ``exchange_start`` (returns a handle) and ``exchange_wait``
+  (returns the received tensors), one pair per (layer, phase) on every rank. They appear by
+  name in the role programs, are effectful (never dead-code eliminated or reordered), have
+  real fake implementations (role programs re-trace), and calling them runs the transport
+  bound to the current worker (`fxdisagg.comm`), which executes the exchange schedule.
 
 The kernels' ops (``fxdisagg::partial_attention``, ``fxdisagg::expsum_merge``) are
 registered in `fxdisagg.kernels.ops`.
@@ -75,55 +77,43 @@ def _(x, dim, shard, nshards, strategy):
     return x.new_empty(shape)
 
 
-# -- communication markers -----------------------------------------------------------------------
-@torch.library.custom_op("fxdisagg::dispatch", mutates_args=())
-def dispatch(q_side: list[Tensor], k_side: list[Tensor], layer: int) -> Tensor:
-    """CompNode -> AttnNodes for one layer: query-side tensors (q, q_pos, q_doc) go to the
-    AttnNodes of their shard's row, key-side ones (k, v, k_pos, k_doc, k_valid) to their
-    shard's column. Token dim: 2 for [B, H, M, D] tensors, the last dim for features.
-    Returns a ticket that orders `combine` after it."""
-    comm.current().dispatch(layer, list(q_side), list(k_side))
-    return torch.zeros((), dtype=torch.int64)
+# -- split-phase, effectful collectives ---------------------------------------------------------
+# Registered through torch.library directly rather than `custom_op`: a received tile is a set
+# of views into one receive buffer (no copy), and custom_op forbids outputs that alias each
+# other. Both ops are marked effectful (ORDERED), so `Node.is_impure()` is True for them:
+# DCE keeps them even when nothing reads their result, and passes do not reorder them.
+_lib = torch.library.Library("fxdisagg", "FRAGMENT")
+_lib.define("exchange_start(Tensor[] send, int layer, str phase) -> Tensor")
+_lib.define("exchange_wait(Tensor handle, Tensor[] rows, int layer, str phase, str pieces) -> Tensor[]")
 
 
-@dispatch.register_fake
-def _(q_side, k_side, layer):
+def exchange_start(send: list[Tensor], layer: int, phase: str) -> Tensor:
+    """Start this rank's part of the (layer, phase) exchange: pack ``send`` as the schedule
+    says and issue the collective. Returns a handle (int64 scalar) for `exchange_wait`."""
+    return torch.tensor(comm.current().start(layer, phase, list(send)), dtype=torch.int64)
+
+
+def exchange_wait(handle: Tensor, rows: list[Tensor], layer: int, phase: str, pieces: str) -> list[Tensor]:
+    """Wait for the exchange ``handle`` started and return what this rank received:
+    ``pieces`` (`fxdisagg.schedule.PieceSpec` text) in order, the token dim of a piece of
+    side s sized ``rows[s].size(0)``. Empty for a rank that only sends in this phase."""
+    got = comm.current().wait(int(handle), list(rows))
+    return got
+
+
+def _exchange_start_fake(send, layer, phase):
     return torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("fxdisagg::combine", mutates_args=())
-def combine(ticket: Tensor, q: Tensor, v: Tensor, beta: int, layer: int) -> tuple[Tensor, Tensor]:
-    """AttnNodes -> CompNode for one layer: the beta partial outputs and lse of this
-    CompNode's own queries, ``outs [beta, B, Hq, n, Dv]``, ``lses [beta, B, Hq, n]``.
-    ``q`` and ``v`` are the dispatched ones: they give the shapes (the fake implementation)."""
-    return comm.current().combine(layer)
+def _exchange_wait_fake(handle, rows, layer, phase, pieces):
+    from fxdisagg.schedule import decode_pieces
+    specs = decode_pieces(pieces)
+    return [torch.empty(p.sized(rows[p.side].shape[0]), dtype=p.dtype, device=handle.device)
+            for p in specs]
 
 
-@combine.register_fake
-def _(ticket, q, v, beta, layer):
-    b, hq, n, _ = q.shape
-    return v.new_empty((beta, b, hq, n, v.shape[-1])), q.new_empty((beta, b, hq, n), dtype=torch.float32)
-
-
-@torch.library.custom_op("fxdisagg::receive", mutates_args=())
-def receive(layer: int) -> list[Tensor]:
-    """AttnNode side of the dispatch: this tile's query-side then key-side tensors, rows in
-    ascending token order."""
-    return comm.current().receive(layer)
-
-
-@receive.register_fake
-def _(layer):
-    raise NotImplementedError("fxdisagg::receive has data-dependent shapes; it is not traced")
-
-
-@torch.library.custom_op("fxdisagg::reply", mutates_args=())
-def reply(out: Tensor, lse: Tensor, layer: int) -> Tensor:
-    """AttnNode side of the return: each query row's partial goes back to its CompNode."""
-    comm.current().reply(layer, out, lse)
-    return torch.zeros((), dtype=torch.int64)
-
-
-@reply.register_fake
-def _(out, lse, layer):
-    return torch.empty((), dtype=torch.int64)
+for _name, _real, _fake in (("exchange_start", exchange_start, _exchange_start_fake),
+                            ("exchange_wait", exchange_wait, _exchange_wait_fake)):
+    _lib.impl(_name, _real, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fxdisagg::{_name}", _fake, lib=_lib)
+    torch.library._register_effectful_op(f"fxdisagg::{_name}", torch._library.effects.EffectType.ORDERED)

@@ -15,6 +15,7 @@ from typing import Callable
 import sympy
 import torch.fx as fx
 
+from fxdisagg.config import Config
 from fxdisagg.errors import FxDisaggError, PassError
 
 log = logging.getLogger(__name__)
@@ -22,17 +23,19 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class PassContext:
-    """What passes share: the sequence symbol, the options, rewrite counts, warnings."""
+    """What passes share: the sequence symbol, the configuration, rewrite counts, warnings."""
 
     seq: sympy.Symbol
-    alpha: int = 1
-    beta: int = 1
-    strategy: str = "r"
-    kernel: str = ""
+    config: Config = dataclasses.field(default_factory=Config)
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     dumper: object = None
+
+    alpha = property(lambda self: self.config.alpha)
+    beta = property(lambda self: self.config.beta)
+    strategy = property(lambda self: self.config.sharding)
+    kernel = property(lambda self: self.config.kernel)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n

@@ -26,9 +26,8 @@ import json
 
 import torch
 
+from fxdisagg.config import STRATEGIES, validate_degrees
 from fxdisagg.errors import ConfigError
-
-STRATEGIES = ("r", "contiguous", "zigzag")
 
 
 def _owner_r(t: torch.Tensor, n: int, parts: int, chunk: int) -> torch.Tensor:
@@ -56,9 +55,10 @@ def assign(n: int, parts: int, strategy: str, *, chunk: int = 1) -> torch.Tensor
     raise ConfigError(f"sharding={strategy!r} is not a placement; choose one of {STRATEGIES}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
-    """Token placement for one sequence length N.
+    """Token placement for one sequence length N. Plans are equal (and hash equal) when
+    built from the same (N, alpha, beta, strategy): the token sets are a function of those.
 
     comp_tokens[c]: sorted token indices owned by CompNode c (int64).
     shard_tokens[i]: sorted token indices of attention shard i (int64); AttnNode (i, j)
@@ -84,6 +84,15 @@ class Plan:
             tuple(torch.nonzero(comp == c).flatten() for c in range(alpha)),
             tuple(torch.nonzero(shard == i).flatten() for i in range(beta)),
         )
+
+    def _key(self) -> tuple:
+        return (self.n_tokens, self.alpha, self.beta, self.strategy)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Plan) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     # -- placement lookups ---------------------------------------------------------------
     @functools.cached_property
@@ -158,25 +167,6 @@ class Plan:
         return float(work.max() / work.mean()) if work.sum() > 0 else 1.0
 
     # -- traffic -------------------------------------------------------------------------
-    def layer_bytes(self, *, batch: int, q_heads: int, kv_heads: int, head_dim: int,
-                    elem_bytes: int, feature_bytes_per_token: int = 16) -> dict[str, int]:
-        """Bytes one layer's collectives move (all ranks together).
-
-        dispatch: every query row of shard i goes to the beta AttnNodes (i, *), every key/value
-        row of shard j to the beta AttnNodes (*, j), each with its per-token mask features.
-        ``feature_bytes_per_token`` counts the features of both sides of one token: query side
-        (q_pos, q_doc) plus key side (k_pos, k_doc, k_valid); the default is the two int64
-        positions. The sides may differ (padding travels with keys only).
-        return: every AttnNode sends each of its query rows back: out (input dtype) + lse (fp32).
-        """
-        n, beta = self.n_tokens, self.beta
-        q = batch * q_heads * head_dim * elem_bytes
-        kv = 2 * batch * kv_heads * head_dim * elem_bytes
-        feats = feature_bytes_per_token
-        dispatch = beta * n * (q + kv + feats)
-        ret = beta * n * batch * q_heads * (head_dim * elem_bytes + 4)
-        return {"dispatch": dispatch, "return": ret}
-
     def ring_layer_bytes(self, *, batch: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
         """Ring attention over the same device count (alpha + beta^2): each of P devices
         passes its N/P key/value block around the ring P-1 times."""
@@ -197,9 +187,11 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
-    def summary(self, *, shapes: dict | None = None) -> str:
-        """Tokens per CompNode and AttnNode, causal work per AttnNode, and (given layer
-        shapes: batch, q_heads, kv_heads, head_dim, elem_bytes) bytes per collective."""
+    def summary(self, *, traffic: dict | None = None, ring: dict | None = None) -> str:
+        """Tokens per CompNode and AttnNode, causal work per AttnNode; given ``traffic``
+        (one layer's ``{"dispatch": bytes, "return": bytes}`` from the exchange schedule,
+        `DisaggregatedModel.expected_traffic`) the bytes per layer, and given ``ring``
+        (batch, kv_heads, head_dim, elem_bytes) ring attention's volume beside them."""
         lines = [f"Plan: N={self.n_tokens}, alpha={self.alpha} CompNodes, "
                  f"beta={self.beta} ({self.beta}x{self.beta} AttnNodes), sharding={self.strategy!r}"]
         for c, toks in enumerate(self.comp_tokens):
@@ -213,21 +205,16 @@ class Plan:
         lines.append(f"  balance max/mean = {self.balance():.4f}"
                      + ("" if self.strategy == "contiguous" else
                         f" (contiguous: {Plan.build(self.n_tokens, self.alpha, self.beta, 'contiguous').balance():.4f})"))
-        if shapes:
-            b = self.layer_bytes(**shapes)
-            ring = self.ring_layer_bytes(**{k: shapes[k] for k in ("batch", "kv_heads", "head_dim", "elem_bytes")})
-            lines.append(f"  bytes per layer: dispatch {b['dispatch']:,}  return {b['return']:,}  "
-                         f"(ring attention on {self.alpha + self.beta ** 2} devices: {ring:,})")
+        if traffic:
+            line = f"  bytes per layer: dispatch {traffic['dispatch']:,}  return {traffic['return']:,}"
+            if ring:
+                line += (f"  (ring attention on {self.alpha + self.beta ** 2} devices: "
+                         f"{self.ring_layer_bytes(**ring):,})")
+            lines.append(line)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
-
-
-def validate_degrees(alpha, beta, tp=1) -> None:
-    for name, v in (("alpha", alpha), ("beta", beta), ("tp", tp)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
 
 
 def _preview(toks: torch.Tensor, k: int = 8) -> str:

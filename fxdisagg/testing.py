@@ -3,6 +3,9 @@ examples and benchmarks share. No hub downloads: every model is random-initialis
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 
 FAMILIES = ("llama", "gpt2", "bert", "mistral", "qwen2")
@@ -65,3 +68,29 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor, kw) -> float:
     keep = kw["attention_mask"].bool() if "attention_mask" in kw else torch.ones(ref.shape[:2], dtype=torch.bool)
     diff = (ours.double() - ref.double()).abs()[keep]
     return float(diff.max() / ref.double().abs()[keep].max()) if diff.numel() else 0.0
+
+
+# -- fault injection (tests only: the runtime's hot path knows nothing of it) -----------------
+class FaultyTransport:
+    """Wraps a worker's transport; fails when the worker starts an exchange of ``layer``:
+    raises, or (``kill``) SIGKILLs its own process while its peers wait in a collective."""
+
+    def __init__(self, inner, layer: int, kill: bool):
+        self.inner, self.fault_layer, self.kill = inner, layer, kill
+
+    def start(self, layer, phase, tensors):
+        if layer == self.fault_layer:
+            self.inner.layer = layer
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at layer {layer} ({phase})")
+        return self.inner.start(layer, phase, tensors)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def inject_fault(worker, layer: int, kill: bool = False) -> None:
+    """``dm.runtime.call(rank, inject_fault, layer)``: worker ``rank`` fails at ``layer``
+    on every later call."""
+    worker.transport = FaultyTransport(worker.transport, layer, kill)

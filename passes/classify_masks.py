@@ -38,10 +38,10 @@ import torch.fx as fx
 
 from fxdisagg.errors import UnsupportedMaskError
 from fxdisagg.graph import describe_node, seq_dims, val
+from fxdisagg.ir import OPS, args_of, make_node, set_args
 from fxdisagg.pipeline import PassContext
 
 aten = torch.ops.aten
-ATTENTION = torch.ops.fxdisagg.attention.default
 
 _COMPARE = {aten.le.Tensor: "le", aten.le.Scalar: "le", aten.lt.Tensor: "lt", aten.lt.Scalar: "lt",
             aten.ge.Tensor: "ge", aten.ge.Scalar: "ge", aten.gt.Tensor: "gt", aten.gt.Scalar: "gt",
@@ -158,10 +158,10 @@ class Interpreter:
         return Term(dims, ("feat", n, dims))
 
     def _slice(self, n: fx.Node) -> Term:
-        x = self.term(n.args[0])
-        dim, start, end = list(n.args[1:4]) + [0, None, None][len(n.args[1:4]):]
-        step = n.args[4] if len(n.args) > 4 else 1
-        size = val(n.args[0]).shape[dim]
+        a = args_of(n)
+        x = self.term(a["self"])
+        dim, start, end, step = a["dim"], a["start"], a["end"], a["step"]
+        size = val(a["self"]).shape[dim]
         if start in (0, None) and step == 1 and (end is None or end >= 2 ** 62 or
                                                  _same_size(end, size)):
             return x
@@ -338,14 +338,14 @@ def _show(e) -> str:
 
 # -- the pass ---------------------------------------------------------------------------------
 def classify_masks(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    for layer, node in enumerate(gm.graph.find_nodes(op="call_function", target=ATTENTION)):
-        mask = node.args[3]
-        if mask is None:
-            if node.args[10]:
+    for layer, node in enumerate(gm.graph.find_nodes(op="call_function", target=OPS.attention)):
+        a = args_of(node)
+        if a["mask"] is None:
+            if a["causal"]:
                 ctx.count("classify_masks.causal")
             continue
-        feats = _classify(node, mask, ctx.seq, layer)
-        _rewrite(gm, node, feats, ctx)
+        feats = _classify(node, a["mask"], ctx.seq, layer)
+        _rewrite(gm, node, feats)
         for kind in feats.kinds:
             ctx.count(f"classify_masks.{kind}")
     gm.graph.eliminate_dead_code()
@@ -369,22 +369,17 @@ def _classify(node, mask, seq, layer) -> Features:
             f"pass attention_mask with 0/1 values or open an issue with the dump.") from None
 
 
-def _rewrite(gm, node, f: Features, ctx) -> None:
+def _rewrite(gm, node, f: Features) -> None:
     g = gm.graph
     with g.inserting_before(node):
         pos = _per_token(g, f.pos)
         doc = _per_token(g, f.doc)
         valid = _per_token(g, f.valid)
         if valid is not None and val(valid).dtype != torch.bool:
-            valid = _meta(g.call_function(aten.ne.Scalar, (valid, 0)), torch.ne(val(valid), 0))
-    args = list(node.args)
-    args[3] = None
-    args[4] = args[5] = pos
-    args[6] = args[7] = doc
-    args[8] = valid
-    args[10] = bool(args[10] or f.causal)
-    args[11] = f.window
-    node.args = tuple(args)
+            valid = _created(g, aten.ne.Scalar, (valid, 0), torch.ne(val(valid), 0))
+    causal = bool(args_of(node)["causal"] or f.causal)
+    set_args(node, mask=None, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, k_valid=valid,
+             causal=causal, window=f.window)
 
 
 def _per_token(g, n):
@@ -393,14 +388,12 @@ def _per_token(g, n):
         return None
     shape = val(n).shape
     if len(shape) == 2 and isinstance(shape[0], int) and shape[0] == 1:
-        return _meta(g.call_function(aten.select.int, (n, 0, 0)), val(n)[0])
+        return _created(g, aten.select.int, (n, 0, 0), val(n)[0])
     return n
 
 
-def _meta(n, v):
-    n.meta["val"] = v
-    n.meta["fxdisagg.created_by"] = "classify_masks"
-    return n
+def _created(g, target, args, v):
+    return make_node(g, target, args, val=v, created_by="classify_masks")
 
 
 def _check_no_dense_mask(gm, ctx) -> None:

@@ -6,7 +6,9 @@ chain is left; each was replaced by ``fxdisagg.attention(q, k, v, mask, ..., sca
 window=None)`` with the raw mask (bool or additive) still attached, for `classify_masks`.
 
 Spellings matched:
-- ``aten.scaled_dot_product_attention`` and the fused CPU/CUDA variants (output 0 only);
+- ``aten.scaled_dot_product_attention`` and the fused CPU/CUDA variants (output 0 only),
+  their arguments read by schema name (`sdpa_args`): the mask is ``attn_mask`` in some
+  schemas and ``attn_bias`` in others, and sits at different positions;
 - the eager chain of the seed figure, as HF builds it with ``attn_implementation="eager"``:
   MatMul(q, k^T) -> Scale (mul / div by a constant, optional) -> Mask add (optional) ->
   SoftMax(-1) -> casts / Dropout(p, train=False) (optional) -> MatMul(., v).
@@ -24,14 +26,14 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxdisagg import ops as _ops  # noqa: F401  (registers fxdisagg::attention)
 from fxdisagg.errors import PatternError
 from fxdisagg.graph import describe_node, is_tensor, seq_dims, single_user, val
+from fxdisagg.ir import OPS, args_of, is_call, make_node, set_args
 from fxdisagg.pipeline import PassContext
 
 aten = torch.ops.aten
-ATTENTION = torch.ops.fxdisagg.attention.default
 
+SDPA = aten.scaled_dot_product_attention.default
 FUSED_SDPA = {
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_flash_attention.default,
@@ -46,23 +48,25 @@ DROPOUT = {aten.dropout.default}
 
 def find_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is aten.scaled_dot_product_attention.default:
+        if is_call(node, SDPA):
             _replace_sdpa(gm, node, ctx)
-        elif node.target in FUSED_SDPA:
+        elif is_call(node, FUSED_SDPA):
             _replace_fused(gm, node, ctx)
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in SOFTMAX:
+        if is_call(node, SOFTMAX):
             _replace_eager(gm, node, ctx)
     gm.graph.eliminate_dead_code()
     return gm
 
 
-def _sdpa_args(node: fx.Node, names: list[str], defaults: dict) -> dict:
-    args = dict(zip(names, node.args))
-    args.update(node.kwargs)
-    return {**defaults, **args}
+def sdpa_args(node: fx.Node) -> dict:
+    """``q, k, v, mask, dropout_p, causal, scale`` of an SDPA or fused SDPA node, by schema
+    name: ``mask`` is its ``attn_mask`` or ``attn_bias`` (None where the schema has neither),
+    ``scale`` is None when the op's default applies."""
+    a = args_of(node)
+    mask = a["attn_mask"] if "attn_mask" in a else a.get("attn_bias")
+    return {"q": a["query"], "k": a["key"], "v": a["value"], "mask": mask,
+            "dropout_p": a["dropout_p"], "causal": a["is_causal"], "scale": a["scale"]}
 
 
 def _default_scale(q: fx.Node) -> float:
@@ -70,22 +74,23 @@ def _default_scale(q: fx.Node) -> float:
 
 
 def _emit(gm, at: fx.Node, q, k, v, mask, scale, causal) -> fx.Node:
+    """``fxdisagg.attention`` before ``at``, with its stack trace; no features yet."""
+    out = val(q).new_empty(val(q).shape[:-1] + (val(v).shape[-1],))
     with gm.graph.inserting_before(at):
-        new = gm.graph.call_function(
-            ATTENTION, (q, k, v, mask, None, None, None, None, None, float(scale), bool(causal), None))
-    new.meta["val"] = val(q).new_empty(val(q).shape[:-1] + (val(v).shape[-1],))
-    new.meta["stack_trace"] = at.meta.get("stack_trace", "")
-    new.meta["nn_module_stack"] = at.meta.get("nn_module_stack", {})
-    new.meta["fxdisagg.created_by"] = "find_attention"
+        new = make_node(gm.graph, OPS.attention, (), val=out, created_by="find_attention", like=at)
+    set_args(new, q=q, k=k, v=v, mask=mask, scale=float(scale), causal=bool(causal))
     return new
 
 
-def _replace_sdpa(gm, node, ctx) -> None:
-    a = _sdpa_args(node, ["q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"],
-                   {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
-    _check_dropout(node, a["dropout_p"])
+def _emit_sdpa(gm, node: fx.Node, a: dict) -> fx.Node:
     scale = a["scale"] if a["scale"] is not None else _default_scale(a["q"])
-    new = _emit(gm, node, a["q"], a["k"], a["v"], a["attn_mask"], scale, a["is_causal"])
+    return _emit(gm, node, a["q"], a["k"], a["v"], a["mask"], scale, a["causal"])
+
+
+def _replace_sdpa(gm, node, ctx) -> None:
+    a = sdpa_args(node)
+    _check_dropout(node, a["dropout_p"])
+    new = _emit_sdpa(gm, node, a)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     ctx.count("find_attention.sdpa")
@@ -93,19 +98,13 @@ def _replace_sdpa(gm, node, ctx) -> None:
 
 def _replace_fused(gm, node, ctx) -> None:
     """Fused variants return tuples; only output 0 (the attention) may be used."""
-    names = ["q", "k", "v", "dropout_p", "is_causal"]
-    a = _sdpa_args(node, names, {"dropout_p": 0.0, "is_causal": False, "scale": None, "attn_mask": None})
-    if node.target is aten._scaled_dot_product_efficient_attention.default:
-        a = _sdpa_args(node, ["q", "k", "v", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal"],
-                       {"attn_bias": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
-        a["attn_mask"] = a["attn_bias"]
+    a = sdpa_args(node)
     _check_dropout(node, a["dropout_p"])
     users = list(node.users)
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
         raise PatternError(f"find_attention: {describe_node(node)} has users of outputs other "
                            f"than the attention output; fxdisagg can not rewrite it")
-    scale = a["scale"] if a["scale"] is not None else _default_scale(a["q"])
-    new = _emit(gm, node, a["q"], a["k"], a["v"], a["attn_mask"], scale, a["is_causal"])
+    new = _emit_sdpa(gm, node, a)
     for u in users:
         u.replace_all_uses_with(new)
         gm.graph.erase_node(u)
@@ -121,8 +120,8 @@ def _check_dropout(node, p) -> None:
 
 def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
     """Match backwards and forwards from a softmax over the last (key) dim."""
-    x = softmax.args[0]
-    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    a = args_of(softmax)
+    x, dim = a["self"], a["dim"]
     if not is_tensor(x) or not seq_dims(x, ctx.seq):
         return  # not over tokens: a softmax inside an MLP or a router is not attention
     if dim not in (-1, val(x).dim() - 1) or (val(x).dim() - 1) not in seq_dims(x, ctx.seq):
@@ -203,7 +202,7 @@ def _follow_to_matmul(softmax: fx.Node):
             return None
         chain.append(u)
         if u.target in DROPOUT:
-            _check_dropout(u, u.args[1])
+            _check_dropout(u, args_of(u)["p"])
         elif u.target in (aten.matmul.default, aten.bmm.default) and u.args[0] is n:
             return chain
         elif u.target not in CASTS:

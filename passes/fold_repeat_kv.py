@@ -13,19 +13,19 @@ import torch
 import torch.fx as fx
 
 from fxdisagg.graph import val
+from fxdisagg.ir import OPS, args_of, set_args
 from fxdisagg.pipeline import PassContext
 
 aten = torch.ops.aten
-ATTENTION = torch.ops.fxdisagg.attention.default
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 
 
 def fold_repeat_kv(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    for node in gm.graph.find_nodes(op="call_function", target=ATTENTION):
-        for idx in (1, 2):
-            src = _repeat_kv_source(node.args[idx])
+    for node in gm.graph.find_nodes(op="call_function", target=OPS.attention):
+        for name in ("k", "v"):
+            src = _repeat_kv_source(args_of(node)[name])
             if src is not None:
-                node.update_arg(idx, src)
+                set_args(node, **{name: src})
                 ctx.count("fold_repeat_kv.folded")
     gm.graph.eliminate_dead_code()
     return gm

@@ -12,8 +12,11 @@ Guarantees: every node has ``meta["fxdisagg.role"]``, one of
 - ``epilogue``  ops after the last attention that pick or pool tokens (BERT's pooler on
                 token 0, last-token logits): they run where the outputs are gathered;
 
-and ``meta["fxdisagg.layer"]``: the stage, i.e. the number of attention merges upstream
-(the nodes of attention l itself carry l). A ``comp``
+and ``meta["fxdisagg.stage"]``: the number of attention merges strictly upstream, i.e. the
+CompNode stage that runs the node (the q/k/v of attention l and its partials are in the
+stage of their inputs; its merge, the O-projection and the MLP after it one stage later).
+``meta["fxdisagg.layer"]`` stays what `split_attention` wrote: the attention a node
+belongs to. A ``comp``
 node that scans, reduces or mixes over a token dim raises `TokenLocalityError` naming the
 node, the op and this pass. The dependency DAG is analysed with networkx (cycles, reach).
 Counts: ``partition.<role>`` per role.
@@ -32,12 +35,10 @@ from fxdisagg.errors import TokenLocalityError
 from fxdisagg.graph import describe_node, has_seq, is_seq, token_dims, val
 from fxdisagg.pipeline import PassContext
 
-aten = torch.ops.aten
-TAKE_SHARD = torch.ops.fxdisagg.take_shard.default
-PARTIAL = torch.ops.fxdisagg.partial_attention.default
-MERGE = torch.ops.fxdisagg.expsum_merge.default
+from fxdisagg.ir import OPS, ROLE, STAGE
 
-ROLE, LAYER = "fxdisagg.role", "fxdisagg.layer"
+aten = torch.ops.aten
+TAKE_SHARD, PARTIAL, MERGE = OPS.take_shard, OPS.partial_attention, OPS.expsum_merge
 
 _SHAPE_SAFE = {
     aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
@@ -65,12 +66,11 @@ def partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     feeds_attention = set()
     for n in gm.graph.find_nodes(op="call_function", target=PARTIAL):
         feeds_attention |= nx.ancestors(dag, n)
-    layer_of: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:
         role = _role(node, ctx, feeds_attention)
         node.meta[ROLE] = role
-        layer = max((layer_of[a] + (a.target is MERGE) for a in node.all_input_nodes), default=0)
-        layer_of[node] = node.meta.setdefault(LAYER, layer)  # split_attention labelled its own
+        stage = max((a.meta[STAGE] for a in node.all_input_nodes), default=0)
+        node.meta[STAGE] = stage + (node.target is MERGE)
         ctx.count(f"partition.{role}")
     return gm
 

@@ -9,7 +9,9 @@ Guarantees: each attention became, in a graph that still runs in one process::
 
 with explicit positions: an attention whose positions are the token index gets
 ``arange(N)``, computed once from a token-indexed input (a replicated prologue value, so a
-CompNode localises it to its own tokens). Nodes carry ``meta["fxdisagg.layer"]``.
+CompNode localises it to its own tokens). The nodes of attention l (shards, partials,
+stacks, merge) carry ``ir.LAYER = l``; every created node carries ``ir.CREATED_BY``.
+fxdisagg ops are built by schema name; their arguments are positional, in schema order.
 Note: ``meta["val"]`` of a shard node keeps the unsharded shape (shard sizes depend on N).
 Counts: ``split_attention.layers``, ``split_attention.partials``.
 """
@@ -21,32 +23,26 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxdisagg import ops as _ops  # noqa: F401
-from fxdisagg import kernels as _kernels  # noqa: F401  (registers fxdisagg::partial_attention)
 from fxdisagg.errors import PassError
 from fxdisagg.graph import describe_node, val
+from fxdisagg.ir import OPS, args_of, make_node, set_args
 from fxdisagg.pipeline import PassContext
 
 aten = torch.ops.aten
-ATTENTION = torch.ops.fxdisagg.attention.default
-TAKE_SHARD = torch.ops.fxdisagg.take_shard.default
-PARTIAL = torch.ops.fxdisagg.partial_attention.default
-MERGE = torch.ops.fxdisagg.expsum_merge.default
 
 
 def split_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     token_index = None
-    for layer, node in enumerate(gm.graph.find_nodes(op="call_function", target=ATTENTION)):
-        q, k, v, mask, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window = node.args
-        if mask is not None:
+    for layer, node in enumerate(gm.graph.find_nodes(op="call_function", target=OPS.attention)):
+        a = args_of(node)
+        if a["mask"] is not None:
             raise PassError(f"split_attention: {describe_node(node)} still has a dense mask; "
                             f"run classify_masks first")
-        if q_pos is None:
+        if a["q_pos"] is None:
             token_index = token_index or _token_index(gm, ctx)
-            q_pos = k_pos = token_index
+            a["q_pos"] = a["k_pos"] = token_index
         with gm.graph.inserting_before(node):
-            merged = _split_one(gm.graph, ctx, layer, q, k, v, q_pos, k_pos, q_doc, k_doc,
-                                k_valid, scale, causal, window)
+            merged = _Builder(gm.graph, ctx, layer).split(a)
         node.replace_all_uses_with(merged)
         gm.graph.erase_node(node)
         ctx.count("split_attention.layers")
@@ -55,47 +51,63 @@ def split_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 def _token_index(gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     """``arange(N)`` from the first token-indexed input, placed after the placeholders."""
-    phs = list(gm.graph.find_nodes(op="placeholder"))
+    g = gm.graph
+    phs = list(g.find_nodes(op="placeholder"))
     src = phs[0]
-    with gm.graph.inserting_after(phs[-1]):
-        n = gm.graph.call_function(aten.sym_size.int, (src, 1))
-        n.meta["val"] = val(src).shape[1]
-    with gm.graph.inserting_after(n):
-        idx = gm.graph.call_function(aten.arange.default, (n,), {"device": val(src).device})
-        idx.meta["val"] = val(src).new_empty((val(src).shape[1],), dtype=torch.int64)
-    for x in (n, idx):
-        x.meta["fxdisagg.created_by"] = "split_attention"
-    idx.name = "token_index"
-    return idx
+    with g.inserting_after(phs[-1]):
+        n = make_node(g, aten.sym_size.int, (src, 1), val=val(src).shape[1],
+                      created_by="split_attention")
+    with g.inserting_after(n):
+        return make_node(g, aten.arange.default, (n,), {"device": val(src).device},
+                         val=val(src).new_empty((val(src).shape[1],), dtype=torch.int64),
+                         created_by="split_attention", name="token_index")
 
 
-def _split_one(g: fx.Graph, ctx, layer, q, k, v, q_pos, k_pos, q_doc, k_doc, k_valid,
-               scale, causal, window) -> fx.Node:
-    def call(target, args, like, name=None):
-        n = g.call_function(target, args)
-        n.meta["val"] = like
-        n.meta["fxdisagg.layer"] = layer
-        n.meta["fxdisagg.created_by"] = "split_attention"
+class _Builder:
+    """Creates the nodes of one layer's split, each with its val, layer and provenance."""
+
+    def __init__(self, g: fx.Graph, ctx: PassContext, layer: int):
+        self.g, self.ctx, self.layer = g, ctx, layer
+
+    def call(self, target, args, value) -> fx.Node:
+        return make_node(self.g, target, args, val=value, created_by="split_attention",
+                         layer=self.layer)
+
+    def op(self, target, value, /, **named) -> fx.Node:
+        """An fxdisagg op by schema name (its positional arguments in schema order)."""
+        n = self.call(target, (), value)
+        set_args(n, **named)
         return n
 
-    def shard(x, j):
+    def shard(self, x, j):
         if x is None:
             return None
         dim = 2 if val(x).dim() == 4 else val(x).dim() - 1
-        return call(TAKE_SHARD, (x, dim, j, ctx.beta, ctx.strategy), val(x))
+        return self.op(OPS.take_shard, val(x), x=x, dim=dim, shard=j,
+                       nshards=self.ctx.beta, strategy=self.ctx.strategy)
 
-    qv = val(q)
-    out_like = qv.new_empty(qv.shape[:-1] + (val(v).shape[-1],))
-    lse_like = qv.new_empty(qv.shape[:-1], dtype=torch.float32)
-    outs, lses = [], []
-    for j in range(ctx.beta):
-        args = (q, shard(k, j), shard(v, j), q_pos, shard(k_pos, j), q_doc, shard(k_doc, j),
-                shard(k_valid, j), float(scale), bool(causal), window, ctx.kernel)
-        p = call(PARTIAL, args, (out_like, lse_like))
-        outs.append(call(operator.getitem, (p, 0), out_like))
-        lses.append(call(operator.getitem, (p, 1), lse_like))
-        ctx.count("split_attention.partials")
-    stacked_o = call(aten.stack.default, (outs, 0), out_like.new_empty((ctx.beta, *out_like.shape)))
-    stacked_l = call(aten.stack.default, (lses, 0), lse_like.new_empty((ctx.beta, *lse_like.shape)))
-    merged = call(MERGE, (stacked_o, stacked_l, ctx.kernel), (out_like, lse_like))
-    return call(operator.getitem, (merged, 0), out_like)
+    def partial(self, a: dict, j: int, value) -> fx.Node:
+        return self.op(OPS.partial_attention, value, q=a["q"], k=self.shard(a["k"], j),
+                       v=self.shard(a["v"], j), q_pos=a["q_pos"], k_pos=self.shard(a["k_pos"], j),
+                       q_doc=a["q_doc"], k_doc=self.shard(a["k_doc"], j),
+                       k_valid=self.shard(a["k_valid"], j), scale=float(a["scale"]),
+                       causal=bool(a["causal"]), window=a["window"], backend=self.ctx.kernel)
+
+    def split(self, a: dict) -> fx.Node:
+        """beta partials over key shards, stacked and merged: the attention's output."""
+        qv, beta = val(a["q"]), self.ctx.beta
+        out_like = qv.new_empty(qv.shape[:-1] + (val(a["v"]).shape[-1],))
+        lse_like = qv.new_empty(qv.shape[:-1], dtype=torch.float32)
+        outs, lses = [], []
+        for j in range(beta):
+            p = self.partial(a, j, (out_like, lse_like))
+            outs.append(self.call(operator.getitem, (p, 0), out_like))
+            lses.append(self.call(operator.getitem, (p, 1), lse_like))
+            self.ctx.count("split_attention.partials")
+        stacked_o = self.call(aten.stack.default, (outs, 0),
+                              out_like.new_empty((beta, *out_like.shape)))  # [beta, B, H, M, D]
+        stacked_l = self.call(aten.stack.default, (lses, 0),
+                              lse_like.new_empty((beta, *lse_like.shape)))  # [beta, B, H, M]
+        merged = self.op(OPS.expsum_merge, (out_like, lse_like), outs=stacked_o, lses=stacked_l,
+                         backend=self.ctx.kernel)
+        return self.call(operator.getitem, (merged, 0), out_like)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import fxdisagg
-from fxdisagg.testing import inputs, reference, rel_error, tiny_model
+from fxdisagg.testing import inject_fault, inputs, reference, rel_error, tiny_model
 
 FP32_TOL = 1e-4
 LENGTHS = [1, 7, 129]
@@ -68,10 +68,19 @@ def _compile(family, alpha, beta, **kw):
     return model, dm
 
 
-def _expected_bytes(dm, feature_bytes: int) -> dict:
-    s = dm.programs.layers[0]
-    return dm.plan.layer_bytes(batch=BATCH, q_heads=s.q_heads, kv_heads=s.kv_heads,
-                               head_dim=s.head_dim, elem_bytes=4, feature_bytes_per_token=feature_bytes)
+def _formula_bytes(dm, n: int, feature_bytes: int) -> dict:
+    """The traffic of one layer from first principles (independent of the schedule): every
+    query row of shard i goes to the beta AttnNodes (i, *), every key/value row of shard j
+    to (*, j), each with its per-token features; every AttnNode returns its query rows'
+    out + fp32 lse. Messages pad each piece to 8 bytes, so this holds exactly for lengths
+    whose per-route piece sizes are multiples of 8 (all float pieces here)."""
+    cfg = dm.model.config
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    d = cfg.hidden_size // hq
+    q, kv = BATCH * hq * d * 4, 2 * BATCH * hkv * d * 4
+    return {"dispatch": dm.beta * n * (q + kv + feature_bytes),
+            "return": dm.beta * n * BATCH * hq * (d * 4 + 4)}
 
 
 def _check_lengths(family, model, dm, feature_bytes=None):
@@ -80,12 +89,15 @@ def _check_lengths(family, model, dm, feature_bytes=None):
         out = dm(**kw)
         err = rel_error(out[0], reference(model, kw), kw)
         assert err <= FP32_TOL, f"{family} alpha={dm.alpha} beta={dm.beta} N={n}: {err:.2e}"
+        traffic, want = dm.traffic, dm.expected_traffic(n, batch=BATCH)
+        assert sorted(traffic) == [lp.layer for lp in dm.programs.layers]
+        assert traffic == want, f"{family} N={n}: moved {traffic}, the schedule says {want}"
         if feature_bytes is not None:
-            want = _expected_bytes(dm, feature_bytes)
-            traffic = dm.traffic
-            assert sorted(traffic) == [s.layer for s in dm.programs.layers]
+            f = _formula_bytes(dm, n, feature_bytes)
             for layer, got in traffic.items():
-                assert got == want, f"{family} N={n} layer {layer}: moved {got}, Plan says {want}"
+                assert got["return"] == f["return"], f"layer {layer}: {got} vs formula {f}"
+                if family == "llama":                # no bool pieces: no padding at all
+                    assert got["dispatch"] == f["dispatch"], f"layer {layer}: {got} vs formula {f}"
 
 
 def test_llama_gqa_exact_bytes_equal_plan_and_workers_persist():
@@ -93,9 +105,9 @@ def test_llama_gqa_exact_bytes_equal_plan_and_workers_persist():
     model, dm = _compile("llama", 2, 2)
     with dm:
         _check_lengths("llama", model, dm, feature_bytes=2 * (8 + 8 * BATCH))
-        pids = dm._runtime.pids
+        pids = dm.runtime.pids
         dm(**inputs("llama", BATCH, 5))
-        assert dm._runtime.pids == pids, "workers must persist across calls"
+        assert dm.runtime.pids == pids, "workers must persist across calls"
     assert _no_workers_left()
 
 
@@ -129,7 +141,7 @@ def test_close_and_context_manager_leave_no_process():
     model, dm = _compile("llama", 1, 1)
     with dm:
         dm(**inputs("llama", BATCH, 7))
-        assert len(dm._runtime.pids) == 2
+        assert len(dm.runtime.pids) == 2
     assert _no_workers_left()
 
 
@@ -137,12 +149,12 @@ def test_worker_exception_raises_with_rank_role_layer_and_traceback():
     model, dm = _compile("llama", 1, 1)
     kw = inputs("llama", BATCH, 7)
     dm(**kw)
-    dm._runtime._inject_fault(rank=1, layer=1)     # AttnNode (0, 0)
+    dm.runtime.call(1, inject_fault, 1)            # AttnNode (0, 0)
     with pytest.raises(fxdisagg.WorkerError) as info:
         dm(**kw)
     e = info.value
     assert (e.rank, e.role, e.layer) == (1, "AttnNode", 1)
-    assert "AttnNode (0, 0) (rank 1) failed at layer 1" in str(e)
+    assert "AttnNode (0, 0) (rank 1) failed at layer 1: RuntimeError: injected fault" in str(e)
     assert "injected fault" in e.remote_traceback and "Traceback" in e.remote_traceback
     assert _no_workers_left()
     # the same model starts fresh workers; a new compile works too
@@ -165,7 +177,7 @@ def _killed_worker_is_reported(alpha, beta, kill, pattern):
                           launch="spawn", timeout=KILL_TIMEOUT)
     kw = inputs("llama", BATCH, 7)
     dm(**kw)
-    kill(dm._runtime)
+    kill(dm.runtime)
     t0 = time.monotonic()
     with pytest.raises(fxdisagg.WorkerError, match=pattern):
         dm(**kw)
@@ -185,7 +197,7 @@ def test_sigkill_raises_within_timeout():
 def test_sigkill_in_the_middle_of_a_call_raises_within_timeout():
     """An AttnNode dies at layer 1 while its peers wait in that layer's collective."""
     model, dm, kw = _killed_worker_is_reported(
-        2, 2, lambda rt: rt._inject_fault(rank=3, layer=1, kill=True),
+        2, 2, lambda rt: rt.call(3, inject_fault, 1, True),
         r"(?s)AttnNode \(0, 1\) \(rank 3\).*SIGKILL")
     assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL  # fresh workers
     dm.close()
@@ -207,11 +219,11 @@ def _schedule_rank(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
     from fxdisagg.errors import WorkerError
-    from fxdisagg.runtime.distributed import _check_same_schedule
+    from fxdisagg.runtime.torchrun import check_same_digest
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        _check_same_schedule("schedule-A" if rank == 0 else "schedule-B")
+        check_same_digest(b"A" * 32 if rank == 0 else b"B" * 32)
         results.put((rank, "ran"))
     except WorkerError as e:
         results.put((rank, str(e)))
@@ -222,7 +234,7 @@ def _schedule_rank(rank: int, port: int, results) -> None:
 def test_ranks_with_different_schedules_refuse_to_run():
     import torch.multiprocessing as mp
 
-    from fxdisagg.runtime.distributed import _free_port
+    from fxdisagg.runtime.spawn import _free_port
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -237,4 +249,4 @@ def test_ranks_with_different_schedules_refuse_to_run():
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    assert all("different schedule" in got[r] for r in (0, 1)), got
+    assert all("different programs" in got[r] for r in (0, 1)), got

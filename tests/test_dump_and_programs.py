@@ -10,7 +10,8 @@ from fxdisagg.testing import inputs, rel_error, tiny_model
 
 def test_dump_dir_writes_every_pass_programs_and_plan(tmp_path):
     dm = fxdisagg.compile(tiny_model("llama"), 2, 2, example_inputs=inputs("llama", 1, 12),
-                          launch="inprocess", dump_dir=tmp_path)
+                          launch="inprocess", dump_dir=tmp_path / "d")
+    tmp_path = tmp_path / "d" / "capture0"
     names = ["find_attention", "fold_repeat_kv", "classify_masks", "split_attention", "partition"]
     timings = (tmp_path / "passes.txt").read_text()
     for i, name in enumerate(names):
@@ -21,28 +22,38 @@ def test_dump_dir_writes_every_pass_programs_and_plan(tmp_path):
     assert plan["comp_tokens"][0] == [0, 1, 4, 5, 8, 9]
     assert "cluster_attn" in (tmp_path / "roles.dot").read_text()
     assert "AttnNode (0,1)" in (tmp_path / "plan.dot").read_text()
-    assert dm.counts["insert_collectives.dispatch"] == 2
+    assert dm.counts["lower.exchanges"] == 2 and dm.counts["lower.stages"] == 3
+    assert "bytes per layer: dispatch" in (tmp_path / "plan.txt").read_text()
+    # a second capture (another batch size) dumps beside the first, not over it
+    dm(**inputs("llama", 2, 5))
+    assert (tmp_path.parent / "capture1" / "program_comp.py").exists()
+    assert (tmp_path / "program_comp.py").exists()
 
 
 def test_dump_environment_switch(tmp_path, monkeypatch):
     monkeypatch.setenv("FXDISAGG_DUMP_DIR", str(tmp_path))
     fxdisagg.compile(tiny_model("gpt2"), 1, 2, example_inputs=inputs("gpt2", 1, 9), launch="inprocess")
-    assert (tmp_path / "program_comp.py").exists()
+    assert (tmp_path / "capture0" / "program_comp.py").exists()
 
 
-def test_role_programs_show_one_dispatch_and_combine_per_layer():
+def test_role_programs_show_one_exchange_per_layer_and_phase_between_stages():
     dm = fxdisagg.compile(tiny_model("llama", layers=3), 2, 2, example_inputs=inputs("llama", 1, 9),
                           launch="inprocess")
-    comp = dm.programs.comp.code
-    attn = dm.programs.attn.code
-    assert comp.count("fxdisagg.dispatch.default(") == 3 and comp.count("fxdisagg.combine.default(") == 3
+    comp, attn = dm.programs.comp, dm.programs.attn
+    top = comp.code
     for layer in range(3):
-        assert comp.count(f"\n    dispatch_layer{layer} = torch.ops.fxdisagg.dispatch") == 1
-        assert comp.count(f"\n    combine_layer{layer} = torch.ops.fxdisagg.combine") == 1
-        assert attn.count(f"\n    receive_layer{layer} = torch.ops.fxdisagg.receive") == 1
-    assert "scaled_dot_product" not in comp and "softmax" not in comp
-    assert not list(dm.programs.attn.parameters()), "AttnNodes hold no weights"
-    assert "index_select" in comp  # prologue values localised to the CompNode's tokens
+        for phase in ("dispatch", "return"):
+            for side in ("start", "wait"):
+                assert top.count(f"\n    {phase}_{side}_{layer} = torch.ops.fxdisagg.exchange_{side}") == 1
+                assert attn.code.count(f"torch.ops.fxdisagg.exchange_{side}.default(") == 6
+        assert attn.code.count(f"\n    tile_{layer} = torch.ops.fxdisagg.exchange_wait") == 1
+    stages = dict(comp.named_children())
+    assert sorted(stages) == ["stage_0", "stage_1", "stage_2", "stage_3"]
+    assert "exchange" not in "".join(s.code for s in stages.values()), "stages hold compute only"
+    assert "index_select" in stages["stage_0"].code  # prologue values localised to the tokens
+    everything = top + "".join(s.code for s in stages.values())
+    assert "scaled_dot_product" not in everything and "softmax" not in everything
+    assert not list(attn.parameters()), "AttnNodes hold no weights"
 
 
 def test_bert_pooler_runs_in_the_epilogue():
@@ -71,4 +82,5 @@ def test_last_token_logits_run_in_the_epilogue():
         torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     assert "slice" in dm.programs.epilogue.code
     full = dm(**inputs("llama", 2, 9))
-    assert full.logits.shape == (2, 9, 128) and len(dm._compiled) == 2
+    assert full.logits.shape == (2, 9, 128) and dm.compiled.counts["lower.exchanges"] == 2
+    assert "slice" not in dm.programs.epilogue.code       # the latest call's capture: all logits

@@ -13,6 +13,7 @@ from fxdisagg.passes.find_attention import find_attention
 from fxdisagg.passes.fold_repeat_kv import fold_repeat_kv
 from fxdisagg.passes.partition import partition
 from fxdisagg.passes.split_attention import split_attention
+from fxdisagg.config import Config
 from fxdisagg.pipeline import PassContext, run_passes
 from fxdisagg.testing import inputs, tiny_model
 
@@ -57,7 +58,7 @@ def test_inputs_outside_the_capture(llama):
 
 def _graph(model, kw):
     cap = capture(model, kw, max_len=64)
-    return cap, PassContext(seq=cap.seq, beta=2)
+    return cap, PassContext(seq=cap.seq, config=Config(beta=2))
 
 
 def test_counts_and_no_dense_mask_left():
@@ -114,7 +115,7 @@ class _ScoresScaledByData(torch.nn.Module):
 
 def _run_passes(module, passes):
     cap = capture(module.eval(), {"input_ids": torch.randint(0, 9, (1, 8))}, max_len=64)
-    return run_passes(cap.gm, passes, PassContext(seq=cap.seq, beta=2))
+    return run_passes(cap.gm, passes, PassContext(seq=cap.seq, config=Config(beta=2)))
 
 
 def test_unclassifiable_mask_refused_naming_the_layer():

@@ -33,6 +33,7 @@ def test_inprocess_exact(models, family, attn, alpha, beta, batch):
             assert type(out) is type(model(**kw)), "the HF output type is kept"
         err = rel_error(out[0], reference(model, kw), kw)
         assert err <= FP32_TOL, f"{family}/{attn} alpha={alpha} beta={beta} B={batch} N={n}: {err:.2e}"
+        assert dm.traffic == dm.expected_traffic(n, batch), "the schedule predicts the traffic"
     assert len(dm._compiled) == 1, "one capture must serve every length"
 
 

@@ -53,13 +53,18 @@ def test_empty_shards_when_n_below_beta():
     assert plan.causal_work().sum() == 3
 
 
-def test_bytes_formula_and_ring_comparison_are_reported():
+def test_ring_comparison_is_reported_beside_the_schedule_bytes():
     plan = Plan.build(256, 2, 2)
-    shapes = dict(batch=1, q_heads=8, kv_heads=4, head_dim=32, elem_bytes=4)
-    b = plan.layer_bytes(**shapes)
-    assert b["dispatch"] == 2 * 256 * (8 * 32 * 4 + 2 * 4 * 32 * 4 + 16)
-    assert b["return"] == 2 * 256 * 8 * (32 * 4 + 4)
-    assert "ring attention" in plan.summary(shapes=shapes)
+    ring = dict(batch=1, kv_heads=4, head_dim=32, elem_bytes=4)
+    assert plan.ring_layer_bytes(**ring) == 5 * 256 * 2 * 4 * 32 * 4
+    text = plan.summary(traffic={"dispatch": 1234567, "return": 89}, ring=ring)
+    assert "dispatch 1,234,567  return 89" in text and "ring attention on 6 devices" in text
+
+
+def test_plans_compare_and_hash_by_what_they_are_built_from():
+    a, b = Plan.build(29, 3, 2), Plan.build(29, 3, 2)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != Plan.build(29, 3, 2, "zigzag") and a != Plan.build(30, 3, 2)
 
 
 @pytest.mark.parametrize("bad", [dict(alpha=0), dict(beta=-1), dict(alpha=1.5), dict(strategy="x")])

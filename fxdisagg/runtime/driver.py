@@ -1,0 +1,176 @@
+"""The driver side of the persistent workers: post commands, await answers, assemble outputs.
+
+`Driver` is what the in-process and the spawn runtimes share; they differ in how workers
+start, which channels carry commands, and how a dead worker is seen (`_dead`). A call:
+
+1. ``load`` the capture's programs once per capture (workers keep them by key);
+2. ``run`` on every rank with the sequence length (each rank builds the same Plan and
+   schedule from it, bounded LRU caches on both sides), CompNodes also get the inputs;
+3. await every rank: an error report, a dead worker or ``timeout`` seconds without progress
+   (no rank entered a new layer) raise `WorkerError` naming rank, role, layer and the
+   worker's own message, and the workers are stopped (the model starts fresh ones on the
+   next call);
+4. gather the CompNodes' frontier pieces into full tensors and run the epilogue.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import torch
+
+from fxdisagg.errors import WorkerError
+from fxdisagg.plan import Plan
+from fxdisagg.runtime.layout import COMP, RankLayout
+from fxdisagg.runtime.worker import LRU, worker_error
+from fxdisagg.schedule import Schedule
+
+
+class Driver:
+    START_TIMEOUT = 180.0
+
+    def __init__(self, config):
+        self.config = config
+        self.layout = RankLayout(config.alpha, config.beta, config.tp)
+        self.timeout = float(config.timeout)
+        self.progress = torch.full((self.layout.world,), -1, dtype=torch.int64)
+        self.plans = LRU(config.cache_size)
+        self.traffic: dict[int, dict[str, int]] = {}
+        self.failed = False
+        self._keys: dict[int, tuple[int, object]] = {}
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    def _post(self, rank: int, msg) -> None:
+        raise NotImplementedError
+
+    def _answers(self) -> queue.Queue:
+        raise NotImplementedError
+
+    def _dead(self) -> WorkerError | None:
+        """An error for the first worker found dead, else None."""
+        raise NotImplementedError
+
+    def _blob(self, program):
+        return program
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    # -- calls ---------------------------------------------------------------------------------
+    def plan(self, n: int) -> Plan:
+        c = self.config
+        return self.plans.get_or(n, lambda: Plan.build(n, c.alpha, c.beta, c.sharding))
+
+    def run(self, programs, n: int, flat: list) -> list:
+        if self.failed:
+            raise WorkerError("the workers of this model failed earlier and were stopped")
+        key = self._load(programs)
+        self.progress.fill_(-1)
+        for r in range(self.layout.world):
+            comp = self.layout.role(r)[0] == COMP
+            self._post(r, ("run", key, n, flat if comp else None))
+        try:
+            done = self._await(range(self.layout.world), self.timeout)
+        except BaseException:
+            # interrupted (Ctrl-C) or failed: messages in flight belong to this call, so
+            # these workers can never serve another one; the model starts fresh ones
+            self.failed = True
+            raise
+        self.traffic = {}
+        for msg in done.values():
+            for (layer, phase), nb in msg[3].items():
+                self.traffic.setdefault(layer, {"dispatch": 0, "return": 0})[phase] += nb
+        plan = self.plan(n)
+        pieces = {c: done[self.layout.comp_rank(c)][2] for c in active_comp_nodes(plan)}
+        frontier = gather_frontier(plan, programs.frontier, pieces)
+        with torch.no_grad():
+            return list(programs.epilogue(*frontier))
+
+    def expected_traffic(self, programs, n: int) -> dict[int, dict[str, int]]:
+        return Schedule.build(self.plan(n), self.layout, programs.layers).traffic()
+
+    def call(self, rank: int, fn, *args):
+        """Run ``fn(worker, *args)`` inside worker ``rank`` and return its result (``fn``
+        must be importable by the worker: a module-level function)."""
+        self._post(rank, ("call", fn, args))
+        return self._await([rank], self.START_TIMEOUT)[rank][2]
+
+    def _load(self, programs) -> int:
+        if id(programs) in self._keys:
+            return self._keys[id(programs)][0]
+        key = len(self._keys)
+        blobs = {"comp": self._blob(programs.comp), "attn": self._blob(programs.attn)}
+        for r in range(self.layout.world):
+            blob = blobs["comp" if self.layout.role(r)[0] == COMP else "attn"]
+            self._post(r, ("load", key, blob, programs.layers))
+        self._await(range(self.layout.world), self.START_TIMEOUT)
+        self._keys[id(programs)] = (key, programs)    # keeps programs alive: ids stay unique
+        return key
+
+    # -- waiting -------------------------------------------------------------------------------
+    def _await(self, ranks, timeout: float) -> dict[int, tuple]:
+        pending, got = set(ranks), {}
+        seen, deadline = self.progress.clone(), time.monotonic() + timeout
+        answers = self._answers()
+        while pending:
+            try:
+                msg = answers.get(timeout=0.05)
+            except queue.Empty:
+                dead = self._dead()
+                if dead is not None:
+                    self._fail(dead)
+                if not torch.equal(seen, self.progress):
+                    seen, deadline = self.progress.clone(), time.monotonic() + timeout
+                elif time.monotonic() > deadline:
+                    self._fail(WorkerError(self._stall_message(pending, timeout)))
+                continue
+            if msg[0] == "error":
+                self._fail(self._root_cause() or worker_error(self.layout, msg[1], msg[2], msg[3]))
+            got[msg[1]] = msg
+            pending.discard(msg[1])
+        return got
+
+    def _root_cause(self) -> WorkerError | None:
+        """A peer's death shows up as a transport error in the survivors: report the death."""
+        return None
+
+    def _stall_message(self, pending, timeout) -> str:
+        who = ", ".join(self.layout.describe(r) for r in sorted(pending))
+        layers = sorted({int(x) for x in self.progress})
+        return (f"no progress for {timeout:.0f} s (option timeout=); still waiting for {who}; "
+                f"workers were at layers {layers}")
+
+    def _fail(self, err: WorkerError):
+        self.failed = True
+        self._stop()
+        raise err
+
+    def close(self) -> None:
+        self._stop()
+
+
+def active_comp_nodes(plan: Plan) -> list[int]:
+    """CompNodes that own at least one token."""
+    return [c for c, toks in enumerate(plan.comp_tokens) if len(toks) > 0]
+
+
+def gather_frontier(plan: Plan, frontier, pieces: dict[int, tuple]) -> list:
+    """Full-length frontier values from the active CompNodes' local pieces."""
+    active = active_comp_nodes(plan)
+    values = []
+    for k, fv in enumerate(frontier):
+        first = pieces[active[0]][k]
+        if fv.dim is None or not isinstance(first, torch.Tensor):
+            values.append(first)
+            continue
+        if len(active) == 1:
+            values.append(first)
+            continue
+        shape = list(first.shape)
+        shape[fv.dim] = plan.n_tokens
+        full = first.new_empty(shape)
+        for c in active:
+            full.index_copy_(fv.dim, plan.comp_tokens[c].to(full.device), pieces[c][k])
+        values.append(full)
+    return values

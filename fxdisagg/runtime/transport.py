@@ -1,0 +1,153 @@
+"""Transports: execute the exchange schedule, nothing more.
+
+A role program's ``fxdisagg::exchange_start`` / ``exchange_wait`` call the transport bound to
+the worker (`fxdisagg.comm`). Every transport gets the call's `Schedule` in `begin`, packs
+what this rank sends with `Exchange.pack` (one copy straight into the send buffer), moves the
+bytes, and lays out what it received with `Exchange.place` (views of the received bytes where
+one route fills a tensor in order). Routing is never decided here.
+
+- `CollectiveTransport`: one ``all_to_all_single`` per (layer, phase) over a
+  torch.distributed group (gloo on CPU, NCCL on CUDA), issued asynchronously by
+  ``start`` and waited on by ``wait`` (split phase: work can go between them).
+- `QueueTransport`: in-process mailboxes, for the threads of ``launch="inprocess"``.
+
+Both count the bytes this rank sent per (layer, phase) (``sent``) and publish the layer
+they are in (``layer``, and ``progress[rank]`` when given) for error reports and the
+driver's stall detection.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from fxdisagg.schedule import Exchange, Schedule
+
+
+class Transport:
+    """Bookkeeping shared by every transport; subclasses move bytes (`_post`, `_collect`)."""
+
+    def __init__(self, rank: int, world: int, progress: torch.Tensor | None = None):
+        self.rank, self.world, self.progress = rank, world, progress
+        self.schedule: Schedule | None = None
+        self.layer: int | None = None
+        self.sent: dict[tuple[int, str], int] = {}
+        self._pending: dict[int, tuple[Exchange, object]] = {}
+        self._next = 0
+
+    def begin(self, schedule: Schedule) -> None:
+        self.schedule, self.layer, self.sent = schedule, None, {}
+        self._pending.clear()
+
+    def start(self, layer: int, phase: str, tensors: list) -> int:
+        ex = self.schedule.exchanges[(layer, phase)]
+        self.layer = layer
+        if self.progress is not None:
+            self.progress[self.rank] = layer
+        buf, dsts, sizes = ex.pack(self.rank, tensors)
+        self.sent[(layer, phase)] = buf.numel()
+        token = self._post(ex, buf, dsts, sizes)
+        self._next += 1
+        self._pending[self._next] = (ex, token)
+        return self._next
+
+    def wait(self, handle: int, rows: list) -> list:
+        ex, token = self._pending.pop(handle)
+        chunks = self._collect(ex, token)
+        device = rows[0].device if rows else None
+        return ex.place(self.rank, chunks, device)
+
+    def idle(self) -> None:
+        """A rank with nothing to do this call (a CompNode without tokens) still takes part
+        in every exchange, with nothing to send or receive."""
+        for (layer, phase) in self.schedule.exchanges:
+            self.wait(self.start(layer, phase, []), [])
+
+    def _post(self, ex: Exchange, buf, dsts, sizes):
+        raise NotImplementedError
+
+    def _collect(self, ex: Exchange, token) -> list:
+        raise NotImplementedError
+
+
+class CollectiveTransport(Transport):
+    """One asynchronous ``all_to_all_single`` per (layer, phase) on ``group``."""
+
+    def __init__(self, rank: int, world: int, *, group=None, device=None, progress=None):
+        super().__init__(rank, world, progress)
+        self.group, self.device = group, torch.device(device or "cpu")
+
+    def _post(self, ex: Exchange, buf, dsts, sizes):
+        in_sizes = [0] * self.world
+        for d, s in zip(dsts, sizes):
+            in_sizes[d] = s
+        out_sizes = [0] * self.world
+        srcs = []
+        for src, s in ex.recv_sizes(self.rank):
+            out_sizes[src] = s
+            srcs.append(src)
+        out = torch.empty(sum(out_sizes), dtype=torch.uint8, device=self.device)
+        if buf.device != self.device:
+            buf = buf.to(self.device)
+        work = dist.all_to_all_single(out, buf, out_sizes, in_sizes, group=self.group, async_op=True)
+        return work, out, out_sizes, srcs
+
+    def _collect(self, ex: Exchange, token) -> list:
+        work, out, out_sizes, srcs = token
+        work.wait()
+        parts = out.split(out_sizes)
+        return [parts[s] for s in srcs]
+
+
+class Aborted(Exception):
+    """Raised in an in-process worker after another worker failed: it stops quietly and the
+    caller reports the first failure."""
+
+
+class Mailboxes:
+    """The in-process network: one queue per rank, and an abort switch for failures."""
+
+    def __init__(self, world: int, timeout: float):
+        self.boxes = [queue.Queue() for _ in range(world)]
+        self.abort = threading.Event()
+        self.timeout = timeout
+
+    def get(self, rank: int):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.abort.is_set():
+                raise Aborted()
+            try:
+                return self.boxes[rank].get(timeout=0.05)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank {rank} got no message within {self.timeout} s") from None
+
+
+class QueueTransport(Transport):
+    """In-process transport over `Mailboxes`; messages are (layer, phase, src, bytes)."""
+
+    def __init__(self, rank: int, world: int, boxes: Mailboxes):
+        super().__init__(rank, world)
+        self.boxes = boxes
+        self._early: dict[tuple, torch.Tensor] = {}
+
+    def _post(self, ex: Exchange, buf, dsts, sizes):
+        for d, chunk in zip(dsts, buf.split(sizes)):
+            self.boxes.boxes[d].put((ex.layer, ex.phase, self.rank, chunk))
+        return None
+
+    def _collect(self, ex: Exchange, token) -> list:
+        want = [src for src, _ in ex.recv_sizes(self.rank)]
+        got = {}
+        for src in want:
+            key = (ex.layer, ex.phase, src)
+            while key not in self._early:
+                layer, phase, s, chunk = self.boxes.get(self.rank)
+                self._early[(layer, phase, s)] = chunk
+            got[src] = self._early.pop(key)
+        return [got[s] for s in want]

@@ -1,0 +1,192 @@
+"""The worker: one rank's persistent loop, shared by every runtime.
+
+A `Worker` owns its rank's role, its transport, the programs it was given (one per
+capture, by key), bounded caches of per-length Plans and schedules, and ``state``: a dict
+that persists across calls (where an AttnNode will keep its KV cache). Its commands:
+
+    ("load", key, ProgramBlob, layers)          -> ("ok",)
+    ("run", key, n_tokens, flat inputs | None)  -> ("done", frontier pieces | None, bytes sent)
+    ("call", fn, args)                          -> ("result", fn(worker, *args))
+    ("close",)
+
+`serve` runs the loop over two channels (thread queues in-process, multiprocessing queues
+for spawned processes); under torchrun every rank calls `Worker.run` itself (SPMD). A
+command that raises is answered with ``("error", rank, layer, traceback text)`` and the
+loop goes on serving, except for failed runs, after which the driver replaces the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import traceback
+import types
+
+import torch
+
+from fxdisagg import comm
+from fxdisagg.errors import WorkerError
+from fxdisagg.plan import Plan
+from fxdisagg.runtime.layout import ATTN, RankLayout
+from fxdisagg.schedule import Schedule
+
+
+class LRU(collections.OrderedDict):
+    """A dict of at most ``size`` entries; the least recently used one goes first."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class Worker:
+    def __init__(self, rank: int, layout: RankLayout, transport, *, strategy: str,
+                 cache_size: int):
+        self.rank, self.layout, self.transport, self.strategy = rank, layout, transport, strategy
+        self.role, self.index = layout.role(rank)
+        self.programs: dict[int, tuple] = {}
+        self.plans = LRU(cache_size)
+        self.schedules = LRU(cache_size)
+        self.state: dict = {}
+
+    # -- commands ------------------------------------------------------------------------------
+    def load(self, key: int, program, layers) -> None:
+        self.programs[key] = (program, tuple(layers))
+
+    def plan(self, n: int) -> Plan:
+        a = self.layout
+        return self.plans.get_or(n, lambda: Plan.build(n, a.alpha, a.beta, self.strategy))
+
+    def schedule(self, key: int, n: int) -> Schedule:
+        layers = self.programs[key][1]
+        return self.schedules.get_or((key, n), lambda: Schedule.build(self.plan(n), self.layout, layers))
+
+    def run(self, key: int, n: int, flat) -> tuple | None:
+        """One call of this rank's program; a CompNode returns its frontier pieces."""
+        program = self.programs[key][0]
+        schedule = self.schedule(key, n)
+        plan = schedule.plan
+        self.transport.begin(schedule)
+        with comm.bound(self.transport), torch.no_grad():
+            if self.role == ATTN:
+                i, j = self.index
+                dev = self.transport_device()
+                program(plan.shard_tokens[i].to(dev), plan.shard_tokens[j].to(dev))
+                return None
+            tokens = plan.comp_tokens[self.index]
+            if len(tokens) == 0:
+                self.transport.idle()
+                return None
+            return tuple(program(*flat, tokens.to(flat[0].device)))
+
+    def transport_device(self):
+        return getattr(self.transport, "device", None) or torch.device("cpu")
+
+    def handle(self, msg):
+        kind = msg[0]
+        if kind == "load":
+            _, key, blob, layers = msg
+            self.load(key, blob.load() if isinstance(blob, ProgramBlob) else blob, layers)
+            return ("ok", self.rank)
+        if kind == "run":
+            _, key, n, flat = msg
+            pieces = self.run(key, n, flat)
+            return ("done", self.rank, pieces, dict(self.transport.sent))
+        if kind == "call":
+            _, fn, args = msg
+            return ("result", self.rank, fn(self, *args))
+        raise WorkerError(f"{self.layout.describe(self.rank)}: unknown command {kind!r}")
+
+
+def serve(worker: Worker, inbox, outbox, alive=lambda: True) -> None:
+    """The loop: answer commands from ``inbox`` on ``outbox`` until ("close",) or until
+    ``alive()`` turns False (the driver is gone). A failed run ends the loop."""
+    import queue
+    while True:
+        try:
+            msg = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if not alive():
+                return
+            continue
+        if msg[0] == "close":
+            return
+        try:
+            outbox.put(worker.handle(msg))
+        except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises
+            outbox.put(("error", worker.rank, worker.transport.layer, format_error(e)))
+            if msg[0] == "run" or not isinstance(e, Exception):
+                return
+
+
+def format_error(e: BaseException) -> str:
+    """The exception's own first line, then the traceback (first line first: it is what the
+    caller reads in the WorkerError)."""
+    first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return first + "\n" + traceback.format_exc()
+
+
+def worker_error(layout: RankLayout, rank: int, layer, text: str) -> WorkerError:
+    role, idx = layout.role(rank)
+    where = "before the first layer" if layer is None or layer < 0 else f"at layer {layer}"
+    first = text.splitlines()[0] if text else ""
+    e = WorkerError(f"{role} {idx} (rank {rank}) failed {where}: {first}\n{text}")
+    e.rank, e.role, e.layer, e.remote_traceback = rank, role, layer, text
+    return e
+
+
+def programs_digest(programs) -> bytes:
+    """sha256 of what every rank must agree on: the programs' code (stages included) and
+    the layers' pieces."""
+    h = hashlib.sha256()
+    for gm in (programs.comp, programs.attn):
+        h.update(gm.code.encode())
+        for _, sub in sorted(gm.named_children()):
+            h.update(sub.code.encode())
+    h.update(repr(programs.layers).encode())
+    return h.digest()
+
+
+# -- programs over a process boundary ----------------------------------------------------------
+class ProgramBlob:
+    """A GraphModule (and its stage submodules) as picklable generated source + attributes.
+
+    GraphModule's own pickling re-traces the code in the receiver, which would *run* comm
+    ops that have no tensor inputs (outside a worker) and may rename nodes; shipping the
+    generated code and compiling it as-is keeps it byte-identical. Tensors in the attributes
+    travel by shared-memory handle through torch.multiprocessing.
+    """
+
+    def __init__(self, gm):
+        _, (body, import_block) = gm.__reduce__()
+        body = dict(body)
+        body["_modules"] = {k: ProgramBlob(m) if isinstance(m, torch.fx.GraphModule) else m
+                            for k, m in body.get("_modules", {}).items()}
+        self.body, self.import_block, self.code = body, import_block, gm.code
+
+    def load(self) -> torch.nn.Module:
+        from torch.fx.graph_module import _forward_from_src
+
+        forward = _forward_from_src(self.import_block + self.code, {})
+        body = dict(self.body)
+        body["_modules"] = {k: m.load() if isinstance(m, ProgramBlob) else m
+                            for k, m in body["_modules"].items()}
+        module = _LoadedProgram(body)
+        module.forward = types.MethodType(forward, module)
+        module.code = self.code
+        return module
+
+
+class _LoadedProgram(torch.nn.Module):
+    def __init__(self, body: dict) -> None:
+        super().__init__()
+        self.__dict__ = body

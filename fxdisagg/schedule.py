@@ -1,0 +1,348 @@
+"""The exchange schedule: who sends which rows of which tensors to whom, as data.
+
+Every routing fact lives here and nowhere else. The lowering (`passes/lower.py`) records,
+per attention layer, the pieces the layer sends (`LayerPieces`: dtype and shape of q, k, v
+and their per-token features, with the token dim explicit) and writes them into the comm
+ops of the role programs; the runtime builds, per sequence length, one `Exchange` per
+(layer, phase) from the Plan, the rank layout and those pieces; every transport only
+executes an `Exchange` (`pack` on the sender, `place` on the receiver) and the traffic
+prediction is `Exchange.bytes()`.
+
+Phases of one layer (DESIGN.md, "lower"):
+
+- ``dispatch``: CompNode c -> AttnNode (i, j): c's query-side rows of shard i and key-side
+  rows of shard j. The AttnNode places each source's rows at their place in the tile, rows
+  in ascending token order (R-sharded causal tiles stay triangles).
+- ``return``: AttnNode (i, j) -> CompNode c: the rows of its partial (out, lse) that belong
+  to c's queries; c places them at its local rows of shard i, in slot j of the stacked
+  partials ``[beta, B, H, n, Dv]`` the expsum-merge reads (merge arity beta).
+
+Decode steps and tensor-parallel head slices will be other `Exchange`s of the same type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+QUERY, KEY = 0, 1                      # sides: whose rows a piece carries
+SIDE_NAMES = ("query", "key")
+DISPATCH, RETURN = "dispatch", "return"
+PHASES = (DISPATCH, RETURN)
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32,
+    torch.bool, torch.uint8, torch.int8)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceSpec:
+    """One tensor that travels: dtype and shape, ``None`` at the token dim.
+
+    ``side``: whose rows it carries (QUERY: the query shard's, KEY: the key shard's).
+    ``batch_dim``: the dim holding the batch, if any (per-token features shared by the
+    batch are ``[M]``). Encoded in graphs as ``name:dtype[2,4,*,16]@query`` so that comm
+    ops' fake implementations, dumps and the runtime read the same text.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | None, ...]
+    side: int = QUERY
+    batch_dim: int | None = None
+
+    @property
+    def token_dim(self) -> int:
+        return self.shape.index(None)
+
+    def sized(self, rows: int) -> tuple[int, ...]:
+        return tuple(rows if s is None else s for s in self.shape)
+
+    def row_bytes(self, batch: int | None = None) -> int:
+        """Bytes per token row (for ``batch`` rows of the batch dim, default as captured)."""
+        dims = [s for k, s in enumerate(self.shape) if s is not None and k != self.batch_dim]
+        b = 1 if self.batch_dim is None else (self.shape[self.batch_dim] if batch is None else batch)
+        return math.prod(dims) * b * self.dtype.itemsize
+
+    def encode(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        dims = ",".join("*" if s is None else (f"b{s}" if k == self.batch_dim else str(s))
+                        for k, s in enumerate(self.shape))
+        return f"{self.name}:{dtype}[{dims}]@{SIDE_NAMES[self.side]}"
+
+    @staticmethod
+    def decode(text: str) -> "PieceSpec":
+        m = re.fullmatch(r"(\w+):(\w+)\[([^\]]*)\]@(\w+)", text)
+        if m is None:
+            raise ValueError(f"not a piece spec: {text!r}")
+        name, dtype, dims, side = m.groups()
+        shape, batch_dim = [], None
+        for k, s in enumerate(d for d in dims.split(",") if d):
+            if s.startswith("b"):
+                batch_dim, s = k, s[1:]
+            shape.append(None if s == "*" else int(s))
+        return PieceSpec(name, _DTYPES[dtype], tuple(shape), SIDE_NAMES.index(side), batch_dim)
+
+    @staticmethod
+    def of(name: str, t: Tensor, token_dim: int, side: int) -> "PieceSpec":
+        """The spec of an example tensor whose token dim is ``token_dim``."""
+        shape = tuple(None if k == token_dim else int(s) for k, s in enumerate(t.shape))
+        batch_dim = 0 if t.dim() >= 2 and token_dim != 0 else None
+        return PieceSpec(name, t.dtype, shape, side, batch_dim)
+
+
+def encode_pieces(pieces: Sequence[PieceSpec]) -> str:
+    return " ".join(p.encode() for p in pieces)
+
+
+def decode_pieces(text: str) -> tuple[PieceSpec, ...]:
+    return tuple(PieceSpec.decode(t) for t in text.split())
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPieces:
+    """What one attention layer sends, independent of N: read off the graph by the lowering.
+
+    query: q, q_pos (, q_doc); key: k, v, k_pos (, k_doc, k_valid); reply: out ``[B, Hq, *,
+    Dv]`` (Dv from v, not q) and lse ``[B, Hq, *]``. ``stacked``: the partials as the
+    CompNode receives them, ``[arity, B, Hq, *, Dv]`` and ``[arity, B, Hq, *]``.
+    """
+
+    layer: int
+    query: tuple[PieceSpec, ...]
+    key: tuple[PieceSpec, ...]
+    reply: tuple[PieceSpec, ...]
+    arity: int
+
+    @property
+    def dispatch(self) -> tuple[PieceSpec, ...]:
+        return self.query + self.key
+
+    def with_batch(self, batch: int) -> "LayerPieces":
+        """The same layer for ``batch`` rows (pieces with a batch dim resized)."""
+        def resized(p: PieceSpec) -> PieceSpec:
+            if p.batch_dim is None:
+                return p
+            shape = list(p.shape)
+            shape[p.batch_dim] = batch
+            return dataclasses.replace(p, shape=tuple(shape))
+        return dataclasses.replace(self, query=tuple(map(resized, self.query)),
+                                   key=tuple(map(resized, self.key)), reply=tuple(map(resized, self.reply)))
+
+    @property
+    def stacked(self) -> tuple[PieceSpec, ...]:
+        return tuple(dataclasses.replace(p, shape=(self.arity, *p.shape),
+                                         batch_dim=None if p.batch_dim is None else p.batch_dim + 1)
+                     for p in self.reply)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Route:
+    """One message of an exchange.
+
+    rows[side]: the sender's local rows of that side it sends (sorted), or None for all of
+    them in order (no gather). dst_rows[side]: where they land along the receiver's token
+    dim, or None when this route alone fills the receiver's tensor in order (the received
+    bytes are used in place). slot: the leading index of a stacked receive (the key shard
+    j of a returned partial), else None.
+    """
+
+    src: int
+    dst: int
+    n_rows: tuple[int, ...]
+    rows: tuple[Tensor | None, ...]
+    dst_rows: tuple[Tensor | None, ...]
+    slot: int | None = None
+
+    def nbytes(self, pieces: Sequence[PieceSpec]) -> int:
+        return sum(piece_bytes(p, self.n_rows[p.side]) for p in pieces)
+
+
+ALIGN = 8
+
+
+def piece_bytes(spec: PieceSpec, rows: int) -> int:
+    """Bytes ``rows`` rows of ``spec`` take in a message: padded to 8 so that every piece
+    of a packed buffer starts aligned for its dtype (views, no copies, on both sides)."""
+    return -(-rows * spec.row_bytes() // ALIGN) * ALIGN
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Exchange:
+    """One (layer, phase): the routes, the pieces each route carries and how receivers lay
+    them out. ``send_pieces``: what senders pass to `pack`; ``recv_pieces``: what
+    receivers get from `place` (the stacked partials on a CompNode's return)."""
+
+    layer: int
+    phase: str
+    send_pieces: tuple[PieceSpec, ...]
+    recv_pieces: tuple[PieceSpec, ...]
+    routes: tuple[Route, ...]
+    recv_rows: dict                      # rank -> rows per side of its received tensors
+    merge_arity: int
+
+    def bytes(self) -> int:
+        """Bytes this exchange moves, all ranks together."""
+        return sum(r.nbytes(self.send_pieces) for r in self.routes)
+
+    def sends(self, rank: int) -> list[Route]:
+        return sorted((r for r in self.routes if r.src == rank), key=lambda r: r.dst)
+
+    def receives(self, rank: int) -> list[Route]:
+        return sorted((r for r in self.routes if r.dst == rank), key=lambda r: r.src)
+
+    # -- the sender: one packing copy -------------------------------------------------------
+    def pack(self, rank: int, tensors: Sequence[Tensor], out: Tensor | None = None
+             ) -> tuple[Tensor, list[int], list[int]]:
+        """Every route from ``rank`` as one flat uint8 buffer (routes in rank order, pieces
+        in spec order), the destination ranks and the byte count of each. Each byte is copied once,
+        straight into the buffer (``index_select(out=)`` or ``copy_``)."""
+        routes = self.sends(rank)
+        sizes = [r.nbytes(self.send_pieces) for r in routes]
+        buf = out if out is not None else torch.empty(
+            sum(sizes), dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
+        off = 0
+        for r in routes:
+            for spec, t in zip(self.send_pieces, tensors):
+                rows, n = r.rows[spec.side], r.n_rows[spec.side]
+                nb = n * spec.row_bytes()
+                dst = buf[off:off + nb].view(spec.dtype).view(_sized_like(t, spec.token_dim, n))
+                if rows is None:
+                    dst.copy_(t)
+                else:
+                    torch.index_select(t, spec.token_dim, rows.to(t.device), out=dst)
+                off += piece_bytes(spec, n)
+        return buf, [r.dst for r in routes], sizes
+
+    def recv_sizes(self, rank: int) -> list[tuple[int, int]]:
+        """(source rank, bytes) of every route into ``rank``, in source order."""
+        return [(r.src, r.nbytes(self.send_pieces)) for r in self.receives(rank)]
+
+    # -- the receiver: views where the bytes are already in place, else one placing copy -----
+    def place(self, rank: int, chunks: Sequence[Tensor], device=None) -> list[Tensor]:
+        """The received tensors of ``rank`` from the per-route uint8 ``chunks`` (source
+        order): each piece a view of the received bytes when one route fills it in order,
+        else the routes' rows copied to their places."""
+        routes = self.receives(rank)
+        if rank not in self.recv_rows:          # a rank that only sends in this phase
+            return []
+        rows = self.recv_rows[rank]
+        views = [self._unpack(r, c) for r, c in zip(routes, chunks)]
+        out = []
+        for k, spec in enumerate(self.recv_pieces):
+            d, n = spec.token_dim, rows[spec.side]
+            if len(routes) == 1 and routes[0].dst_rows[spec.side] is None:
+                v = views[0][k]
+                out.append(v.unsqueeze(0) if routes[0].slot is not None else v)
+                continue
+            full = torch.empty(spec.sized(n), dtype=spec.dtype, device=device)  # routes cover every row
+            for r, v in zip(routes, views):
+                target = full[r.slot] if r.slot is not None else full
+                dd = d - 1 if r.slot is not None else d
+                where = r.dst_rows[spec.side]
+                if where is None:
+                    target.copy_(v[k])
+                else:
+                    target.index_copy_(dd, where.to(target.device), v[k])
+            out.append(full)
+        return out
+
+    def _unpack(self, route: Route, chunk: Tensor) -> list[Tensor]:
+        pieces, off = [], 0
+        for spec in self.send_pieces:
+            n = route.n_rows[spec.side]
+            piece = chunk[off:off + n * spec.row_bytes()]
+            pieces.append(piece.view(spec.dtype).view(spec.sized(n)))
+            off += piece_bytes(spec, n)
+        return pieces
+
+
+def _sized_like(t: Tensor, dim: int, rows: int) -> tuple[int, ...]:
+    shape = list(t.shape)
+    shape[dim] = rows
+    return tuple(shape)
+
+
+# -- building exchanges from a Plan --------------------------------------------------------------
+def _all_or(rows: Tensor, n: int) -> Tensor | None:
+    """None when ``rows`` is every row of an n-row tensor in order (send it whole)."""
+    return None if len(rows) == n and bool((rows == torch.arange(n)).all()) else rows
+
+
+def build_exchanges(plan, layout, layer: LayerPieces) -> dict[str, Exchange]:
+    """The two exchanges of ``layer`` for ``plan`` on ``layout`` (a `RankLayout`)."""
+    return {DISPATCH: _dispatch(plan, layout, layer), RETURN: _return(plan, layout, layer)}
+
+
+def _dispatch(plan, layout, layer: LayerPieces) -> Exchange:
+    beta, routes, recv_rows = plan.beta, [], {}
+    sizes = [len(t) for t in plan.shard_tokens]
+    for i in range(beta):
+        for j in range(beta):
+            dst = layout.attn_rank(i, j)
+            recv_rows[dst] = (sizes[i], sizes[j])
+    for c in _active(plan):
+        n_c = len(plan.comp_tokens[c])
+        for i in range(beta):
+            for j in range(beta):
+                rq, rk = plan.local_rows(c, i), plan.local_rows(c, j)
+                routes.append(Route(layout.comp_rank(c), layout.attn_rank(i, j), (len(rq), len(rk)),
+                                    (_all_or(rq, n_c), _all_or(rk, n_c)),
+                                    (_arrival(plan, c, i), _arrival(plan, c, j))))
+    return Exchange(layer.layer, DISPATCH, layer.dispatch, layer.dispatch, tuple(routes),
+                    recv_rows, 1)
+
+
+def _arrival(plan, c: int, shard: int) -> Tensor | None:
+    """Where CompNode c's rows of ``shard`` land in the sorted shard: None when c alone
+    fills it in order."""
+    pos = plan.reply_rows(shard, c)
+    return _all_or(pos, len(plan.shard_tokens[shard]))
+
+
+def _return(plan, layout, layer: LayerPieces) -> Exchange:
+    beta, routes, recv_rows = plan.beta, [], {}
+    for c in _active(plan):
+        n_c = len(plan.comp_tokens[c])
+        recv_rows[layout.comp_rank(c)] = (n_c, n_c)
+        for i in range(beta):
+            rows = plan.reply_rows(i, c)
+            where = _all_or(plan.local_rows(c, i), n_c) if beta > 1 else None
+            for j in range(beta):
+                routes.append(Route(layout.attn_rank(i, j), layout.comp_rank(c), (len(rows), 0),
+                                    (_all_or(rows, len(plan.shard_tokens[i])), None),
+                                    (where, None), slot=j))
+    return Exchange(layer.layer, RETURN, layer.reply, layer.stacked, tuple(routes), recv_rows, beta)
+
+
+def _active(plan) -> list[int]:
+    """CompNodes that own at least one token; only they take part in an exchange."""
+    return [c for c, toks in enumerate(plan.comp_tokens) if len(toks) > 0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    """Every exchange of one call: ``exchanges[(layer, phase)]``, for one Plan."""
+
+    plan: object
+    exchanges: dict
+
+    @staticmethod
+    def build(plan, layout, layers: Sequence[LayerPieces]) -> "Schedule":
+        ex = {}
+        for lp in layers:
+            for phase, e in build_exchanges(plan, layout, lp).items():
+                ex[(lp.layer, phase)] = e
+        return Schedule(plan, ex)
+
+    def traffic(self) -> dict[int, dict[str, int]]:
+        """``{layer: {"dispatch": bytes, "return": bytes}}``: what `dm.traffic` measures."""
+        out: dict[int, dict[str, int]] = {}
+        for (layer, phase), e in sorted(self.exchanges.items()):
+            out.setdefault(layer, {})[phase] = e.bytes()
+        return out

@@ -1,0 +1,174 @@
+"""Staged programs: a CompNode program cut at its collectives, and meta["val"] made true.
+
+`split_stages` turns the flat CompNode program into a top-level graph that holds only the
+placeholders, the collectives (nodes whose ``meta["fxdisagg.role"]`` is ``comm``) and one
+``call_module`` per stage; stage s (``stage_s``, a GraphModule of its own) holds every
+compute node with ``meta["fxdisagg.stage"] == s``. Between two stages is exactly where a
+scheduler can interleave two micro-batches: while the AttnNodes work on one, the CompNode
+runs the next stage of the other. The cut is deterministic (graph order), copies ``meta``,
+and the block DAG (stages and collectives) is checked for cycles with networkx.
+
+`propagate` re-runs fake-tensor propagation over a role program, descending into its
+stages, with the program's own symbols: the CompNode's local token count (``tokens``), the
+AttnNode's tile sizes (``q_tokens``, ``k_tokens``), the full length N for the prologue. It
+overwrites every node's ``meta["val"]``, so buffer sizes and token dims are read off true
+shapes, and it is also the test that every stage of every role program re-traces.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                   StatelessSymbolicContext)
+
+from fxdisagg.errors import PassError
+from fxdisagg.ir import ROLE, STAGE, VAL
+
+TOP = "top"
+
+
+def _block(n: fx.Node):
+    """Where ``n`` goes: TOP (placeholders, collectives, output) or its stage number."""
+    if n.op in ("placeholder", "output") or n.meta.get(ROLE) == "comm":
+        return TOP
+    if n.op == "get_attr":
+        return None                           # copied into every stage that reads it
+    return n.meta.get(STAGE, 0)
+
+
+def split_stages(flat: fx.GraphModule) -> fx.GraphModule:
+    """The staged program (see the module docstring); ``flat`` is left unchanged."""
+    nodes = list(flat.graph.nodes)
+    block = {n: _block(n) for n in nodes}
+    members: dict[int, list[fx.Node]] = {}
+    for n in nodes:
+        if isinstance(block[n], int):
+            members.setdefault(block[n], []).append(n)
+    live_in, live_out = _liveness(nodes, block, members)
+    order = _block_order(nodes, block, members)
+
+    root = torch.nn.Module()
+    top = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for b in order:
+        if isinstance(b, fx.Node):
+            env[b] = top.node_copy(b, lambda a: env[a])
+            continue
+        name = f"stage_{b}"
+        setattr(root, name, _stage_module(flat, b, members[b], live_in[b], live_out[b]))
+        call = top.call_module(name, tuple(env[a] for a in live_in[b]))
+        call.meta[STAGE] = b
+        for k, out in enumerate(live_out[b]):
+            env[out] = top.call_function(operator.getitem, (call, k))
+            env[out].name = top._graph_namespace.create_name(out.name, None)
+            env[out].meta.update(out.meta)
+    return fx.GraphModule(root, top, class_name=flat.__class__.__name__)
+
+
+def _liveness(nodes, block, members):
+    """Per stage: values it reads from outside (graph order) and values read outside it."""
+    live_in: dict[int, dict] = {s: {} for s in members}
+    live_out: dict[int, dict] = {s: {} for s in members}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if block[a] is None or block[a] == block[n]:
+                continue
+            if isinstance(block[n], int):
+                live_in[block[n]][a] = None
+            if isinstance(block[a], int):
+                live_out[block[a]][a] = None
+    return ({s: list(v) for s, v in live_in.items()}, {s: list(v) for s, v in live_out.items()})
+
+
+def _block_order(nodes, block, members) -> list:
+    """Top-level nodes and stages in a dependency order that keeps graph order where it can."""
+    dag, first = nx.DiGraph(), {}
+    key = {n: (block[n] if isinstance(block[n], int) else n) for n in nodes if block[n] is not None}
+    for k, n in enumerate(nodes):
+        if n in key:
+            first.setdefault(key[n], k)
+            dag.add_node(key[n])
+            for a in n.all_input_nodes:
+                if a in key and key[a] != key[n]:
+                    dag.add_edge(key[a], key[n])
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = nx.find_cycle(dag)
+        raise PassError(f"split_stages: the stages and collectives form a cycle {cycle}; "
+                        f"a stage would need a value computed after its own exchange")
+    return list(nx.lexicographical_topological_sort(dag, key=lambda b: first[b]))
+
+
+def _stage_module(flat, s: int, members, inputs, outputs) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for a in inputs:
+        env[a] = g.placeholder(a.name)
+        env[a].meta.update(a.meta)
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:                      # a get_attr: each stage reads its own
+            env[a] = g.node_copy(a)
+        return env[a]
+
+    for n in members:
+        env[n] = g.node_copy(n, arg)
+    g.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(flat, g, class_name=f"Stage{s}")
+
+
+# -- meta["val"] with the program's own symbols -------------------------------------------------
+class _Propagator(fx.Interpreter):
+    """Fake-tensor propagation that records meta["val"] and descends into stages."""
+
+    def __init__(self, module, mode: FakeTensorMode):
+        super().__init__(module)
+        self.mode = mode
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n.op == "get_attr" and isinstance(result, torch.Tensor):
+            result = self.mode.from_tensor(result, static_shapes=True)  # a weight: metadata only
+        n.meta[VAL] = result
+        return result
+
+    def call_module(self, target, args, kwargs):
+        return _Propagator(self.fetch_attr(target), self.mode).run(*args, **kwargs)
+
+
+def _symbolic(mode: FakeTensorMode, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    ctx = StatelessSymbolicContext(dynamic_sizes=[
+        DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(t.dim())])
+    return mode.from_tensor(t, symbolic_context=ctx)
+
+
+def program_inputs(program: fx.GraphModule, captured: fx.GraphModule | None,
+                   mode: FakeTensorMode) -> list[torch.Tensor]:
+    """Fake inputs of a role program: captured inputs with a symbolic N (dim 1), and
+    ``tokens`` / ``q_tokens`` / ``k_tokens`` with their own symbolic length."""
+    shapes = {}
+    if captured is not None:
+        for ph in captured.graph.find_nodes(op="placeholder"):
+            v = ph.meta[VAL]
+            shapes[ph.target] = (v.dtype, [7 if isinstance(s, torch.SymInt) else int(s) for s in v.shape])
+    out = []
+    for k, ph in enumerate(program.graph.find_nodes(op="placeholder")):
+        if ph.target in shapes:
+            dtype, shape = shapes[ph.target]
+            out.append(_symbolic(mode, torch.zeros(shape, dtype=dtype), (1,)))
+        else:                                 # a token index set: its own length symbol
+            out.append(_symbolic(mode, torch.arange(3 + k, dtype=torch.int64), (0,)))
+    return out
+
+
+def propagate(program: fx.GraphModule, captured: fx.GraphModule | None = None) -> fx.GraphModule:
+    """Overwrite meta["val"] of every node of ``program`` and its stages (see module doc)."""
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    args = program_inputs(program, captured, mode)       # real examples -> symbolic fakes
+    with mode:
+        _Propagator(program, mode).run(*args)
+    return program

@@ -1,0 +1,248 @@
+"""lower: cut the partitioned graph into role programs joined by split-phase collectives.
+
+Requires: a partitioned graph (`partition`): every node has ``meta["fxdisagg.role"]`` and
+``meta["fxdisagg.stage"]``; attentions are split (`split_attention`).
+Guarantees: `RolePrograms`, each program a GraphModule readable with ``print_readable``
+whose every node carries ``meta["val"]`` re-propagated with the program's own token
+symbols (`fxdisagg.stages.propagate`):
+
+- **CompNode program** ``(*inputs, tokens) -> frontier``, staged: submodules ``stage_0 ..
+  stage_L`` hold the compute (stage s runs after s attention merges), and between them the
+  top-level graph holds, per layer, the four collectives of the exchange schedule::
+
+      h = fxdisagg.exchange_start([q, q_pos, ..., k, v, k_pos, ...], l, "dispatch")
+      fxdisagg.exchange_wait(h, [], l, "dispatch", "")
+      h = fxdisagg.exchange_start([], l, "return")
+      outs, lses = fxdisagg.exchange_wait(h, [tokens], l, "return", "<stacked partials>")
+
+  Stage 0 runs the replicated prologue over all N tokens and localises every
+  token-indexed prologue value to the CompNode's ``tokens`` (``index_select``), so the
+  sequence length symbol becomes the local token count ``tokens.size(0)``.
+- **AttnNode program** ``(q_tokens, k_tokens) -> ()``, parameter-free: per layer
+  ``exchange_wait`` (the tile: q-side rows of its query shard, k-side rows of its key
+  shard, sized by the placeholders) -> ``partial_attention`` -> ``exchange_start`` of the
+  reply. The same program runs on every AttnNode.
+- **epilogue program** ``(*frontier gathered over all tokens) -> flat outputs``.
+
+``RolePrograms.layers`` holds one `LayerPieces` per attention: the routing facts the
+runtime's `fxdisagg.schedule.Schedule` is built from; the comm ops carry the same specs as
+text. Counts: ``lower.exchanges`` (layers), ``lower.stages``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxdisagg import ir
+from fxdisagg.errors import TokenLocalityError
+from fxdisagg.graph import describe_node, is_seq, seq_dims, val
+from fxdisagg.ir import OPS, ROLE, STAGE, args_of, make_node, schema_args
+from fxdisagg.pipeline import PassContext
+from fxdisagg.schedule import (DISPATCH, KEY, QUERY, RETURN, LayerPieces, PieceSpec,
+                               encode_pieces)
+from fxdisagg.stages import propagate, split_stages
+
+aten = torch.ops.aten
+QUERY_NAMES = ("q", "q_pos", "q_doc")
+KEY_NAMES = ("k", "v", "k_pos", "k_doc", "k_valid")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierValue:
+    """A value the CompNode program returns: token-local (gathered along ``dim``) or
+    replicated (every CompNode holds the same; taken from the first)."""
+
+    name: str
+    dim: int | None
+
+
+@dataclasses.dataclass
+class RolePrograms:
+    comp: fx.GraphModule
+    attn: fx.GraphModule
+    epilogue: fx.GraphModule
+    layers: tuple[LayerPieces, ...]
+    frontier: tuple[FrontierValue, ...]
+
+
+def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
+    partials = _partials_by_layer(gm)
+    layers = tuple(_layer_pieces(ctx, l, ps) for l, ps in sorted(partials.items()))
+    frontier_nodes = _frontier(gm)
+    flat = _comp_program(gm, ctx, frontier_nodes, partials, {lp.layer: lp for lp in layers})
+    comp = split_stages(flat)
+    attn = _attn_program(partials, layers)
+    epilogue = _epilogue_program(gm, frontier_nodes)
+    frontier = tuple(FrontierValue(n.name, _token_dim(n, ctx) if n.meta[ROLE] == "comp" else None)
+                     for n in frontier_nodes)
+    propagate(comp, gm)
+    propagate(attn, gm)
+    ctx.count("lower.exchanges", len(layers))
+    ctx.count("lower.stages", len(list(comp.children())))
+    return RolePrograms(comp, attn, epilogue, layers, frontier)
+
+
+# -- analysis -----------------------------------------------------------------------------------
+def _partials_by_layer(gm) -> dict[int, list[fx.Node]]:
+    out: dict[int, list[fx.Node]] = {}
+    for n in gm.graph.find_nodes(op="call_function", target=OPS.partial_attention):
+        out.setdefault(n.meta[ir.LAYER], []).append(n)
+    return out
+
+
+def _unshard(x):
+    return x.args[0] if ir.is_call(x, OPS.take_shard) else x
+
+
+def _sides(p: fx.Node) -> tuple[dict, dict]:
+    """(query side, key side) inputs of one layer's attention by name, before sharding."""
+    a = args_of(p)
+    q_side = {k: a[k] for k in QUERY_NAMES if a[k] is not None}
+    k_side = {k: _unshard(a[k]) for k in KEY_NAMES if a[k] is not None}
+    return q_side, k_side
+
+
+def _layer_pieces(ctx, layer: int, partials: list[fx.Node]) -> LayerPieces:
+    q_side, k_side = _sides(partials[0])
+
+    def spec(name, node, side):
+        dims = seq_dims(node, ctx.seq)
+        if len(dims) != 1:
+            raise TokenLocalityError(f"lower: {describe_node(node)} ({name} of attention {layer}) "
+                                     f"has token dims {dims}; an exchanged tensor has exactly one")
+        return PieceSpec.of(name, val(node), dims[0], side)
+
+    query = tuple(spec(k, n, QUERY) for k, n in q_side.items())
+    key = tuple(spec(k, n, KEY) for k, n in k_side.items())
+    q, v = val(q_side["q"]), val(k_side["v"])
+    b, hq = int(q.shape[0]), int(q.shape[1])
+    reply = (PieceSpec("out", q.dtype, (b, hq, None, int(v.shape[-1])), QUERY, 0),
+             PieceSpec("lse", torch.float32, (b, hq, None), QUERY, 0))
+    return LayerPieces(layer, query, key, reply, arity=len(partials))
+
+
+def _frontier(gm) -> list[fx.Node]:
+    """Non-epilogue values that the epilogue or the outputs read, in graph order."""
+    needed = {}
+    for n in gm.graph.nodes:
+        if n.meta.get(ROLE) in ("epilogue", "output"):
+            for a in n.all_input_nodes:
+                if a.meta[ROLE] != "epilogue" and a.op != "get_attr":
+                    needed[a] = None
+    return [n for n in gm.graph.nodes if n in needed]
+
+
+def _token_dim(n: fx.Node, ctx) -> int:
+    dims = seq_dims(n, ctx.seq)
+    if len(dims) != 1:
+        raise TokenLocalityError(f"lower: output {describe_node(n)} has token dims {dims}; "
+                                 f"fxdisagg gathers outputs along exactly one token dim")
+    return dims[0]
+
+
+# -- CompNode program (flat; `split_stages` cuts it) ---------------------------------------------
+def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    local: dict[fx.Node, fx.Node] = {}
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        env[ph] = g.node_copy(ph)
+    tokens = g.placeholder("tokens")
+    n_local = make_node(g, aten.sym_size.int, (tokens, 0), val=None, created_by="lower",
+                        name="n_local", stage=0)
+
+    def localised(a: fx.Node) -> fx.Node:
+        if isinstance(val(a), torch.SymInt):
+            if not is_seq(val(a), ctx.seq):
+                raise TokenLocalityError(f"lower: {describe_node(a)} is a size derived from the "
+                                         f"sequence length used by token-local work")
+            return n_local
+        dims = seq_dims(a, ctx.seq)
+        if not dims:
+            return env[a]
+        if len(dims) != 1:
+            raise TokenLocalityError(f"lower: {describe_node(a)} has several token dims and is "
+                                     f"read by a CompNode")
+        if a not in local:
+            local[a] = make_node(g, aten.index_select.default, (env[a], dims[0], tokens),
+                                 val=None, created_by="lower", name=f"local_{a.name}", stage=0)
+        return local[a]
+
+    def remap(a: fx.Node) -> fx.Node:
+        return localised(a) if a.meta[ROLE] == "prologue" else env[a]
+
+    for node in gm.graph.nodes:
+        role = node.meta.get(ROLE)
+        if node.op == "placeholder" or role in ("attn", "epilogue", "output"):
+            continue
+        if node.target is OPS.expsum_merge:
+            layer = node.meta[ir.LAYER]
+            env[node] = _exchange(g, node, partials[layer], layers[layer], remap, tokens)
+        elif role == "comp":
+            env[node] = g.node_copy(node, remap)
+        else:  # prologue, static: replicated as captured
+            env[node] = g.node_copy(node, lambda a: env[a])
+    g.output(tuple(remap(n) if n.meta[ROLE] == "comp" else env[n] for n in frontier_nodes))
+    g.eliminate_dead_code()
+    return fx.GraphModule(gm, g, class_name="CompNodeProgram")
+
+
+def _exchange(g: fx.Graph, merge: fx.Node, partials, lp: LayerPieces, remap, tokens) -> fx.Node:
+    """The four collectives of one layer on a CompNode, then the merge of its partials."""
+    l, stage = lp.layer, merge.meta[STAGE]
+    q_side, k_side = _sides(partials[0])
+    send = [remap(x) for x in (*q_side.values(), *k_side.values())]
+    comm = dict(val=None, created_by="lower", layer=l, role="comm")
+    h = make_node(g, OPS.exchange_start, (send, l, DISPATCH), name=f"dispatch_start_{l}", **comm)
+    make_node(g, OPS.exchange_wait, (h, [], l, DISPATCH, ""), name=f"dispatch_wait_{l}", **comm)
+    h = make_node(g, OPS.exchange_start, ([], l, RETURN), name=f"return_start_{l}", **comm)
+    got = make_node(g, OPS.exchange_wait, (h, [tokens], l, RETURN, encode_pieces(lp.stacked)),
+                    name=f"return_wait_{l}", **comm)
+    outs = make_node(g, operator.getitem, (got, 0), name=f"partial_outs_{l}", **comm)
+    lses = make_node(g, operator.getitem, (got, 1), name=f"partial_lses_{l}", **comm)
+    merged = make_node(g, OPS.expsum_merge, (outs, lses, args_of(merge)["backend"]), val=None,
+                       created_by="lower", like=merge, name=f"expsum_merge_{l}")
+    merged.meta[STAGE] = stage
+    return merged
+
+
+# -- AttnNode program ---------------------------------------------------------------------------
+def _attn_program(partials, layers: tuple[LayerPieces, ...]) -> fx.GraphModule:
+    g = fx.Graph()
+    q_tokens, k_tokens = g.placeholder("q_tokens"), g.placeholder("k_tokens")
+    for lp in layers:
+        l, a = lp.layer, args_of(partials[lp.layer][0])
+        mk = dict(val=None, created_by="lower", layer=l)
+        h = make_node(g, OPS.exchange_start, ([], l, DISPATCH), name=f"dispatch_start_{l}", **mk)
+        tile = make_node(g, OPS.exchange_wait, (h, [q_tokens, k_tokens], l, DISPATCH,
+                                                encode_pieces(lp.dispatch)),
+                         name=f"tile_{l}", **mk)
+        t = {p.name: make_node(g, operator.getitem, (tile, k), name=f"{p.name}_{l}", **mk)
+             for k, p in enumerate(lp.dispatch)}
+        args = schema_args(OPS.partial_attention, **{k: t[k] for k in t},
+                           **{k: a[k] for k in ("scale", "causal", "window", "backend")})
+        p = make_node(g, OPS.partial_attention, args, name=f"partial_attention_{l}", **mk)
+        out = make_node(g, operator.getitem, (p, 0), name=f"out_{l}", **mk)
+        lse = make_node(g, operator.getitem, (p, 1), name=f"lse_{l}", **mk)
+        h = make_node(g, OPS.exchange_start, ([out, lse], l, RETURN), name=f"return_start_{l}", **mk)
+        make_node(g, OPS.exchange_wait, (h, [], l, RETURN, ""), name=f"return_wait_{l}", **mk)
+    g.output(())
+    return fx.GraphModule(torch.nn.Module(), g, class_name="AttnNodeProgram")
+
+
+# -- epilogue ------------------------------------------------------------------------------------
+def _epilogue_program(gm, frontier_nodes) -> fx.GraphModule:
+    g = fx.Graph()
+    env = {n: g.placeholder(n.name) for n in frontier_nodes}
+    for node in gm.graph.nodes:
+        if node.meta.get(ROLE) == "epilogue":
+            env[node] = g.node_copy(node, lambda a: env[a])
+        elif node.op == "get_attr" and any(u.meta.get(ROLE) == "epilogue" for u in node.users):
+            env[node] = g.node_copy(node)
+    out = gm.graph.output_node()
+    g.output(fx.node.map_arg(out.args[0], lambda a: env[a]))
+    return fx.GraphModule(gm, g, class_name="EpilogueProgram")
