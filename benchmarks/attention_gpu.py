@@ -47,6 +47,7 @@ def run_case(B, H, N, D, betas, dtype=torch.bfloat16):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     from fxdisagg.kernels import triton_backend as tb
+    from fxdisagg.kernels.features import TileFeatures
 
     dev = "cuda"
     q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype) for _ in range(3))
@@ -63,10 +64,10 @@ def run_case(B, H, N, D, betas, dtype=torch.bfloat16):
     rows.append(("sdpa flash", t_sdpa, flops / t_sdpa * 1e-9, ""))
 
     # Correctness on the way (bf16 vs SDPA): a broken kernel must not report a speed.
-    out, _ = tb.partial_attention(q, k, v, pos, pos, scale=scale, causal=True, window=None)
+    out, _ = tb.partial_attention(q, k, v, TileFeatures(pos, pos, scale=scale, causal=True))
     err = (out.float() - sdpa_fn().float()).abs().max().item()
-    t_tile = _bench(lambda: tb.partial_attention(q, k, v, pos, pos, scale=scale,
-                                                 causal=True, window=None))
+    t_tile = _bench(lambda: tb.partial_attention(q, k, v, TileFeatures(pos, pos, scale=scale,
+                                                                       causal=True)))
     rows.append(("tile (beta=1)", t_tile, flops / t_tile * 1e-9,
                  f"ours/sdpa {t_sdpa / t_tile:.2f}x  max|err| {err:.1e}"))
 
@@ -77,8 +78,8 @@ def run_case(B, H, N, D, betas, dtype=torch.bfloat16):
         vs = [v[:, :, s].contiguous() for s in shards]
 
         def tiles():
-            return [[tb.partial_attention(qs[i], ks[j], vs[j], shards[i], shards[j],
-                                          scale=scale, causal=True, window=None)
+            return [[tb.partial_attention(qs[i], ks[j], vs[j],
+                                          TileFeatures(shards[i], shards[j], scale=scale, causal=True))
                      for j in range(len(shards))] for i in range(len(shards))]
 
         def stacked(parts):

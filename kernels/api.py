@@ -13,7 +13,8 @@ Conventions (numerical, shared by all backends):
 - q `[B, Hq, Mq, D]`, k/v `[B, Hkv, Mk, D]`, `Hq % Hkv == 0`; query head h reads kv head
   `h // (Hq // Hkv)` (GQA/MQA). k/v are never expanded by the caller.
 - Positions, document ids: int64 `[M]` or `[B, M]`; key validity: bool `[Mk]` or `[B, Mk]`.
-  The visibility rule is `reference.visibility`.
+  The visibility rule is `reference.visibility`. Backends receive these features and the
+  scale as one `features.TileFeatures`: `backend.partial_attention(q, k, v, features)`.
 - out: q's dtype, contiguous `[B, Hq, Mq, D]`. lse: fp32 natural log, contiguous
   `[B, Hq, Mq]`. A row with no visible key: out 0, lse -inf, never NaN.
 - Mq == 0 or Mk == 0 (empty shards) is valid.
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from fxdisagg.errors import KernelError, describe
 from fxdisagg.kernels import reference, torch_cpu
+from fxdisagg.kernels.features import TileFeatures
 
 BACKENDS = ("torch", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,19 +92,19 @@ def _check_token_feature(
     _check(ok, op, lambda: f"{name} must have shape [{length}] or [{batch}, {length}], got {describe(t)}")
 
 
-def _check_features(q, k, q_pos, k_pos, window, q_doc, k_doc, k_valid) -> None:
+def _check_features(q: Tensor, k: Tensor, f: TileFeatures) -> None:
     op = "partial_attention"
     b, mq, mk, dev = q.shape[0], q.shape[2], k.shape[2], q.device
-    _check_token_feature("q_pos", q_pos, torch.int64, b, mq, dev)
-    _check_token_feature("k_pos", k_pos, torch.int64, b, mk, dev)
-    _check((q_doc is None) == (k_doc is None), op, "q_doc and k_doc must be given together")
-    if q_doc is not None:
-        _check_token_feature("q_doc", q_doc, torch.int64, b, mq, dev)
-        _check_token_feature("k_doc", k_doc, torch.int64, b, mk, dev)
-    if k_valid is not None:
-        _check_token_feature("k_valid", k_valid, torch.bool, b, mk, dev)
-    is_int = isinstance(window, int) and not isinstance(window, bool)
-    _check(window is None or is_int, op, f"window must be None or an int, got {window!r}")
+    _check_token_feature("q_pos", f.q_pos, torch.int64, b, mq, dev)
+    _check_token_feature("k_pos", f.k_pos, torch.int64, b, mk, dev)
+    _check((f.q_doc is None) == (f.k_doc is None), op, "q_doc and k_doc must be given together")
+    if f.q_doc is not None:
+        _check_token_feature("q_doc", f.q_doc, torch.int64, b, mq, dev)
+        _check_token_feature("k_doc", f.k_doc, torch.int64, b, mk, dev)
+    if f.k_valid is not None:
+        _check_token_feature("k_valid", f.k_valid, torch.bool, b, mk, dev)
+    is_int = isinstance(f.window, int) and not isinstance(f.window, bool)
+    _check(f.window is None or is_int, op, f"window must be None or an int, got {f.window!r}")
 
 
 def partial_attention(
@@ -130,13 +132,12 @@ def partial_attention(
     Raises KernelError on malformed arguments.
     """
     _check_qkv(q, k, v)
-    _check_features(q, k, q_pos, k_pos, window, q_doc, k_doc, k_valid)
-    name = resolve_backend(backend, q.device, "partial_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    kwargs = dict(
-        scale=scale, causal=bool(causal), window=window, q_doc=q_doc, k_doc=k_doc, k_valid=k_valid
-    )
-    out, lse = _partial_impl(name)(q, k, v, q_pos, k_pos, **kwargs)
+    features = TileFeatures(q_pos, k_pos, scale=scale, causal=bool(causal), window=window,
+                            q_doc=q_doc, k_doc=k_doc, k_valid=k_valid)
+    _check_features(q, k, features)
+    name = resolve_backend(backend, q.device, "partial_attention")
+    out, lse = _backend(name).partial_attention(q, k, v, features)
     return out.contiguous(), lse.contiguous()
 
 
@@ -182,26 +183,15 @@ def expsum_merge(outs, lses, *, backend: Optional[str] = None) -> tuple[Tensor, 
     name = resolve_backend(backend, outs[0].device, "expsum_merge")
     if name != "torch" and not isinstance(outs, Tensor):
         outs, lses = torch.stack(list(outs)), torch.stack(list(lses))  # [P, B, H, M, D], [P, B, H, M]
-    out, lse = _merge_impl(name)(outs, lses)
+    out, lse = _backend(name).expsum_merge(outs, lses)
     return out.contiguous(), lse.contiguous()
 
 
-def _triton():
-    """Imported on first use: triton is optional and its import is slow."""
+def _backend(name: str):
+    """The module of a backend: `partial_attention(q, k, v, features)`, `expsum_merge(outs,
+    lses)`. Triton is imported on first use: it is optional and its import is slow."""
+    if name == "torch":
+        return torch_cpu
+    if name == "reference":
+        return reference
     return importlib.import_module("fxdisagg.kernels.triton_backend")
-
-
-def _partial_impl(name: str):
-    if name == "torch":
-        return torch_cpu.partial_attention
-    if name == "reference":
-        return reference.partial_attention
-    return _triton().partial_attention
-
-
-def _merge_impl(name: str):
-    if name == "torch":
-        return torch_cpu.expsum_merge
-    if name == "reference":
-        return reference.expsum_merge
-    return _triton().expsum_merge

@@ -9,15 +9,19 @@ Conventions (shared by every backend, see `api.py`):
 - q `[B, Hq, Mq, D]`, k/v `[B, Hkv, Mk, D]`; query head h reads kv head `h // (Hq // Hkv)`.
 - lse is the natural-log log-sum-exp of `scale * q.k` over the visible keys, fp32,
   `[B, Hq, Mq]`. A row with no visible key has out 0 and lse -inf.
-- Inputs are assumed already validated by `api.py`.
+- Inputs are assumed already validated by `api.py`; the masking features and the scale
+  come as one `features.TileFeatures`, whose `visibility()` applies `visibility` here.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # features.py imports this module for `visibility`
+    from fxdisagg.kernels.features import TileFeatures
 
 NEG_INF = float("-inf")
 
@@ -74,27 +78,14 @@ def expand_kv_heads(x: Tensor, hq: int) -> Tensor:
     return x.repeat_interleave(hq // x.shape[1], dim=1)
 
 
-def partial_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    *,
-    scale: float,
-    causal: bool = True,
-    window: Optional[int] = None,
-    q_doc: Optional[Tensor] = None,
-    k_doc: Optional[Tensor] = None,
-    k_valid: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
+def partial_attention(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
     """Dense masked softmax attention in fp64; out in q's dtype, lse fp32 `[B, Hq, Mq]`."""
     hq = q.shape[1]
     q64 = q.double()  # [B, Hq, Mq, D]
     k64 = expand_kv_heads(k.double(), hq)  # [B, Hq, Mk, D]
     v64 = expand_kv_heads(v.double(), hq)  # [B, Hq, Mk, D]
-    vis = visibility(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid)[:, None]  # [B|1, 1, Mq, Mk]
-    scores = (q64 @ k64.transpose(-1, -2)) * scale  # [B, Hq, Mq, Mk]
+    vis = f.visibility()[:, None]  # [B|1, 1, Mq, Mk]
+    scores = (q64 @ k64.transpose(-1, -2)) * f.scale  # [B, Hq, Mq, Mk]
     scores = scores.masked_fill(~vis, NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Mq]; -inf where nothing is visible
     lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)

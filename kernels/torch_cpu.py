@@ -21,42 +21,18 @@ a math formulation in fp32 is used. Inputs are assumed validated by `api.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fxdisagg.kernels.reference import expand_kv_heads, visibility
+from fxdisagg.kernels.features import TileFeatures
+from fxdisagg.kernels.reference import expand_kv_heads
 
 NEG_INF = float("-inf")
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-@dataclass
-class _Features:
-    """The masking features of one tile; None/False means "does not mask anything"."""
-
-    q_pos: Tensor  # [Mq] or [B, Mq]
-    k_pos: Tensor  # [Mk] or [B, Mk]
-    causal: bool
-    window: Optional[int]
-    q_doc: Optional[Tensor]
-    k_doc: Optional[Tensor]
-    k_valid: Optional[Tensor]
-
-    def only_causal(self) -> bool:
-        return self.window is None and self.q_doc is None and self.k_valid is None
-
-    def empty(self) -> bool:
-        return not self.causal and self.only_causal()
-
-    def visibility(self) -> Tensor:
-        """bool `[B|1, Mq, Mk]`."""
-        return visibility(
-            self.q_pos, self.k_pos, self.causal, self.window, self.q_doc, self.k_doc, self.k_valid
-        )
 
 
 # ----------------------------------------------------------------------------- features
@@ -71,27 +47,28 @@ def _shared_rows(x: Optional[Tensor]) -> Optional[Tensor]:
     return x
 
 
-def _simplify(f: _Features) -> _Features:
+def _simplify(f: TileFeatures) -> TileFeatures:
     """Drop every feature that masks nothing in this tile (O(Mq + Mk), exact)."""
-    f.q_pos, f.k_pos = _shared_rows(f.q_pos), _shared_rows(f.k_pos)
-    f.q_doc, f.k_doc = _shared_rows(f.q_doc), _shared_rows(f.k_doc)
-    f.k_valid = _shared_rows(f.k_valid)
-    if f.k_valid is not None and bool(f.k_valid.all()):
-        f.k_valid = None
-    if f.q_doc is not None:
-        lo = torch.minimum(f.q_doc.min(), f.k_doc.min())
-        hi = torch.maximum(f.q_doc.max(), f.k_doc.max())
+    q_pos, k_pos = _shared_rows(f.q_pos), _shared_rows(f.k_pos)
+    q_doc, k_doc = _shared_rows(f.q_doc), _shared_rows(f.k_doc)
+    k_valid, window, causal = _shared_rows(f.k_valid), f.window, f.causal
+    if k_valid is not None and bool(k_valid.all()):
+        k_valid = None
+    if q_doc is not None:
+        lo = torch.minimum(q_doc.min(), k_doc.min())
+        hi = torch.maximum(q_doc.max(), k_doc.max())
         if bool(lo == hi):
-            f.q_doc = f.k_doc = None
-    span = int(f.q_pos.max() - f.k_pos.min())  # largest q_pos - k_pos of the tile
-    if f.window is not None and span < f.window:
-        f.window = None
-    if f.causal and int(f.k_pos.max()) <= int(f.q_pos.min()):
-        f.causal = False
-    return f
+            q_doc = k_doc = None
+    span = int(q_pos.max() - k_pos.min())  # largest q_pos - k_pos of the tile
+    if window is not None and span < window:
+        window = None
+    if causal and int(k_pos.max()) <= int(q_pos.min()):
+        causal = False
+    return replace(f, q_pos=q_pos, k_pos=k_pos, causal=causal, window=window,
+                   q_doc=q_doc, k_doc=k_doc, k_valid=k_valid)
 
 
-def _nothing_visible(f: _Features) -> bool:
+def _nothing_visible(f: TileFeatures) -> bool:
     """Causal tile with every key after every query (upper tiles of contiguous sharding)."""
     return f.causal and int(f.k_pos.min()) > int(f.q_pos.max())
 
@@ -175,25 +152,25 @@ def _triangle(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int) -> tup
     return out, lse
 
 
-def _masked(q: Tensor, k: Tensor, v: Tensor, scale: float, f: _Features) -> tuple[Tensor, Tensor]:
+def _masked(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
     """General tile: additive mask `[B|1, 1, Mq, Mk]` (the CPU kernel rejects bool masks)."""
     vis = f.visibility()  # [B|1, Mq, Mk]
     mask = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, NEG_INF)
     k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])  # [B, Hq, Mk, D]
-    out, lse = _flash(q, k, v, scale, False, mask[:, None])
+    out, lse = _flash(q, k, v, f.scale, False, mask[:, None])
     return _fix_empty_rows(out, lse, vis.any(-1))
 
 
 # ----------------------------------------------------------------------------- math path
 
 
-def _math(q: Tensor, k: Tensor, v: Tensor, scale: float, f: _Features) -> tuple[Tensor, Tensor]:
+def _math(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
     """Dense fp32 (fp64 for fp64 input) softmax: the fallback off CPU; O(Mq*Mk) memory."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     hq = q.shape[1]
     k, v = expand_kv_heads(k.to(acc), hq), expand_kv_heads(v.to(acc), hq)  # [B, Hq, Mk, D]
-    scores = (q.to(acc) @ k.transpose(-1, -2)) * scale  # [B, Hq, Mq, Mk]
-    if not f.empty():
+    scores = (q.to(acc) @ k.transpose(-1, -2)) * f.scale  # [B, Hq, Mq, Mk]
+    if not f.masks_nothing():
         scores = scores.masked_fill(~f.visibility()[:, None], NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Mq]
     lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)
@@ -204,7 +181,7 @@ def _math(q: Tensor, k: Tensor, v: Tensor, scale: float, f: _Features) -> tuple[
 # ----------------------------------------------------------------------------- entry points
 
 
-def _classify(q: Tensor, k: Tensor, f: _Features) -> tuple[str, _Features]:
+def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]:
     """Which case handles this tile, after dropping features that mask nothing."""
     if q.numel() == 0 or k.shape[2] == 0:
         return "empty", f  # also: the CPU kernel crashes on empty inputs
@@ -213,7 +190,7 @@ def _classify(q: Tensor, k: Tensor, f: _Features) -> tuple[str, _Features]:
         return "empty", f
     if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES:
         return "math", f
-    if f.empty():
+    if f.masks_nothing():
         return "plain", f
     if f.only_causal():
         offset = _triangle_offset(f.q_pos, f.k_pos)
@@ -222,39 +199,26 @@ def _classify(q: Tensor, k: Tensor, f: _Features) -> tuple[str, _Features]:
     return "masked", f
 
 
-def tile_kind(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool = True,
-              window: Optional[int] = None, q_doc: Optional[Tensor] = None,
-              k_doc: Optional[Tensor] = None, k_valid: Optional[Tensor] = None) -> str:
+def tile_kind(q: Tensor, k: Tensor, features: TileFeatures) -> str:
     """Name of the case `partial_attention` uses for this tile, for tests and dumps:
     "empty", "plain", "causal", "causal_shifted", "masked" or "math"."""
-    return _classify(q, k, _Features(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid))[0]
+    return _classify(q, k, features)[0]
 
 
 def partial_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    *,
-    scale: float,
-    causal: bool,
-    window: Optional[int],
-    q_doc: Optional[Tensor],
-    k_doc: Optional[Tensor],
-    k_valid: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, features: TileFeatures
 ) -> tuple[Tensor, Tensor]:
     """See `api.partial_attention`. out `[B, Hq, Mq, D]` (q dtype), lse fp32 `[B, Hq, Mq]`."""
-    kind, f = _classify(q, k, _Features(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid))
+    kind, f = _classify(q, k, features)
     if kind == "empty":
         return _empty_rows(q)
     if kind == "plain":
-        return _plain(q, k, v, scale)
+        return _plain(q, k, v, f.scale)
     if kind in ("causal", "causal_shifted"):
-        return _triangle(q, k, v, scale, 0 if kind == "causal" else -1)
+        return _triangle(q, k, v, f.scale, 0 if kind == "causal" else -1)
     if kind == "masked":
-        return _masked(q, k, v, scale, f)
-    return _math(q, k, v, scale, f)
+        return _masked(q, k, v, f)
+    return _math(q, k, v, f)
 
 
 def expsum_merge(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -1,19 +1,17 @@
 """Triton backend of the kernels: host launchers, autotune configs, graph ops.
 
-Contract (the public API in `api.py` validates and calls these with `scale` a float):
+Contract (the public API in `api.py` validates and calls these; the launchers check again,
+for direct callers):
 
-    partial_attention(q, k, v, q_pos, k_pos, *, scale, causal, window,
-                      q_doc=None, k_doc=None, k_valid=None) -> (out, lse)
+    partial_attention(q, k, v, features) -> (out, lse)
         q        [B, Hq, Mq, D]    fp16 | bf16 | fp32, any strides
         k, v     [B, Hkv, Mk, D]   same dtype/device as q, any strides; Hq % Hkv == 0.
                                    Query head h reads kv head h // (Hq // Hkv): GQA/MQA by
                                    head mapping, k/v are never expanded.
-        q_pos    int64 [Mq] or [B, Mq]   explicit token positions (1-D: shared by the batch)
-        k_pos    int64 [Mk] or [B, Mk]
-        q_doc, k_doc  int64, same shapes as the positions (document ids), both or neither
-        k_valid  bool [Mk] or [B, Mk]    False = padding key
-        A key is visible to a query iff every feature that applies says so:
-        causal: k_pos <= q_pos; window W: q_pos - k_pos < W; q_doc == k_doc; k_valid.
+        features `features.TileFeatures`: scale (finite), causal, window; per-token
+                 q_pos/q_doc int64 [Mq] or [B, Mq], k_pos/k_doc int64 [Mk] or [B, Mk],
+                 k_valid bool [Mk] or [B, Mk] (1-D: shared by the batch; docs both or
+                 neither); visibility as `reference.visibility`.
         out [B, Hq, Mq, D] dtype of q; lse fp32 [B, Hq, Mq], natural log.
         Rows with no visible key: out 0, lse -inf. Mq == 0 or Mk == 0 are valid.
 
@@ -48,6 +46,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from fxdisagg.errors import KernelError, describe
 from fxdisagg.kernels import triton_kernels as tk
+from fxdisagg.kernels.features import TileFeatures
 
 log = logging.getLogger(__name__)
 
@@ -245,21 +244,14 @@ def _check_attention(q, k, v):
 
 
 def _partial_attention_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    scale: float,
-    causal: bool,
-    window: Optional[int],
-    q_doc: Optional[torch.Tensor],
-    k_doc: Optional[torch.Tensor],
-    k_valid: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+    scale: float, causal: bool, window: Optional[int], q_doc: Optional[torch.Tensor],
+    k_doc: Optional[torch.Tensor], k_valid: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Body of `fxdisagg::triton_partial_attention`, also its fake implementation (fake
     tensors allocate the outputs; `wrap_triton` records the launch, or under the
-    interpreter the launch is skipped)."""
+    interpreter the launch is skipped). Flat, not a `TileFeatures`: these annotations are
+    the op's schema, which holds only tensors and scalars."""
     _check_attention(q, k, v)
     B, Hq, Mq, D = q.shape
     Hkv, Mk = k.shape[1], k.shape[2]
@@ -386,26 +378,15 @@ _expsum_merge_op = _register("fxdisagg::triton_expsum_merge", _expsum_merge_impl
 
 
 def partial_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    *,
-    scale: float,
-    causal: bool,
-    window: Optional[int],
-    q_doc: Optional[torch.Tensor] = None,
-    k_doc: Optional[torch.Tensor] = None,
-    k_valid: Optional[torch.Tensor] = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: TileFeatures
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of one (query shard, key shard) tile; see the module docstring
     for shapes. Returns `(out [B, Hq, Mq, D] dtype of q, lse fp32 [B, Hq, Mq])`."""
-    if not math.isfinite(float(scale)):
-        raise KernelError(f"triton backend: scale must be finite, got {scale}")
+    if not math.isfinite(float(f.scale)):
+        raise KernelError(f"triton backend: scale must be finite, got {f.scale}")
     return torch.ops.fxdisagg.triton_partial_attention(
-        q, k, v, q_pos, k_pos, float(scale), bool(causal),
-        None if window is None else int(window), q_doc, k_doc, k_valid,
+        q, k, v, f.q_pos, f.k_pos, float(f.scale), bool(f.causal),
+        None if f.window is None else int(f.window), f.q_doc, f.k_doc, f.k_valid,
     )
 
 

@@ -15,6 +15,7 @@ import torch
 
 from fxdisagg.errors import KernelError
 from fxdisagg.kernels import api, expsum_merge, ops, partial_attention, reference, torch_cpu
+from fxdisagg.kernels.features import TileFeatures
 
 # Per-dtype tolerances, relative to the value scale (atol = tol * max(1, |ref|max)).
 # fp32: accumulation-order noise of the fused kernel. fp16/bf16: rounding of the output
@@ -61,6 +62,11 @@ def check_tile(q, k, v, q_pos, k_pos, **features):
     return out, lse
 
 
+def tile_kind(q, k, q_pos, k_pos, **features):
+    """The torch backend's case for this tile (the scale plays no part in it)."""
+    return torch_cpu.tile_kind(q, k, TileFeatures(q_pos, k_pos, scale=1.0, **features))
+
+
 # ----------------------------------------------------------------------------- causal tiles
 
 RSHARD_CASES = [(1, 5), (2, 8), (2, 7), (3, 10), (4, 17), (4, 3), (3, 1), (5, 12)]
@@ -85,7 +91,7 @@ def test_rsharded_tiles_take_triangle_paths(beta, n):
         for j in range(beta):
             q_pos, k_pos = rshard(n, beta, i), rshard(n, beta, j)
             q, k, _ = make_qkv(1, 2, 2, len(q_pos), len(k_pos), 8, torch.float32)
-            kind = torch_cpu.tile_kind(q, k, q_pos, k_pos, causal=True)
+            kind = tile_kind(q, k, q_pos, k_pos, causal=True)
             if len(q_pos) == 0 or len(k_pos) == 0 or k_pos.min() > q_pos.max():
                 assert kind == "empty"
             elif k_pos.max() <= q_pos.min():  # e.g. a 1 x 1 tile: causality masks nothing
@@ -99,8 +105,8 @@ def test_contiguous_sharding_tiles():
     q, k, v = make_qkv(1, 4, 2, 5, 6, 8, torch.float32)
     past, future = torch.arange(6), torch.arange(20, 26)
     q_pos = torch.arange(10, 15)
-    assert torch_cpu.tile_kind(q, k, q_pos, past) == "plain"
-    assert torch_cpu.tile_kind(q, k, q_pos, future) == "empty"
+    assert tile_kind(q, k, q_pos, past) == "plain"
+    assert tile_kind(q, k, q_pos, future) == "empty"
     check_tile(q, k, v, q_pos, past)
     out, lse = check_tile(q, k, v, q_pos, future)
     assert torch.isneginf(lse).all() and (out == 0).all()
@@ -111,7 +117,7 @@ def test_contiguous_sharding_tiles():
 def test_non_causal(dtype, hq, hkv):
     q, k, v = make_qkv(2, hq, hkv, 7, 9, 16, dtype)
     q_pos, k_pos = torch.arange(7), torch.arange(9)
-    assert torch_cpu.tile_kind(q, k, q_pos, k_pos, causal=False) == "plain"
+    assert tile_kind(q, k, q_pos, k_pos, causal=False) == "plain"
     check_tile(q, k, v, q_pos, k_pos, causal=False)
 
 
@@ -174,7 +180,7 @@ def test_padding_fully_masked_rows():
     q, k, v = make_qkv(2, 2, 2, 6, 6, 8, torch.float32)
     out, lse = check_tile(q, k, v, pos, pos, causal=True, k_valid=valid)
     assert torch.isneginf(lse[1, :, 0]).all() and (out[1, :, 0] == 0).all()
-    assert torch_cpu.tile_kind(q, k, pos, pos, k_valid=valid) == "masked"
+    assert tile_kind(q, k, pos, pos, k_valid=valid) == "masked"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -219,7 +225,7 @@ def test_redundant_features_are_dropped():
     q_pos, k_pos = rshard(16, 2, 0), rshard(16, 2, 1)
     q, k, _ = make_qkv(1, 2, 2, 8, 8, 8, torch.float32)
     doc = torch.full((8,), 4)
-    kind = torch_cpu.tile_kind(
+    kind = tile_kind(
         q, k, q_pos, k_pos, window=64, q_doc=doc, k_doc=doc, k_valid=torch.ones(8, dtype=torch.bool)
     )
     assert kind == "causal_shifted"
@@ -241,7 +247,9 @@ def test_default_scale_and_backend():
     q, k, v = make_qkv(1, 2, 2, 4, 4, 16, torch.float32)
     pos = torch.arange(4)
     out, lse = partial_attention(q, k, v, pos, pos)
-    ref_out, ref_lse = reference.partial_attention(q, k, v, pos, pos, scale=1 / math.sqrt(16))
+    ref_out, ref_lse = partial_attention(
+        q, k, v, pos, pos, scale=1 / math.sqrt(16), backend="reference"
+    )
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
     assert api.resolve_backend(None, q.device, "x") == "torch"
 
@@ -251,11 +259,9 @@ def test_math_path_matches_reference():
     q, k, v = make_qkv(2, 4, 2, 6, 7, 8, torch.float32)
     q_pos, k_pos = torch.arange(6) + 1, torch.arange(7)
     valid = torch.tensor([True, False, True, True, True, True, False])
-    f = torch_cpu._Features(q_pos, k_pos, True, 3, None, None, valid)
-    out, lse = torch_cpu._math(q, k, v, 0.3, f)
-    ref_out, ref_lse = reference.partial_attention(
-        q, k, v, q_pos, k_pos, scale=0.3, causal=True, window=3, k_valid=valid
-    )
+    f = TileFeatures(q_pos, k_pos, scale=0.3, causal=True, window=3, k_valid=valid)
+    out, lse = torch_cpu._math(q, k, v, f)
+    ref_out, ref_lse = reference.partial_attention(q, k, v, f)
     assert_matches(out, lse, ref_out, ref_lse, torch.float32)
 
 
@@ -318,7 +324,7 @@ def test_rsharded_merge_equals_full_causal(beta, n, hq, hkv):
     """beta x beta partials merged per query shard = causal attention on the whole sequence."""
     q, k, v = make_qkv(1, hq, hkv, n, n, 16, torch.float32, seed=n)
     pos = torch.arange(n)
-    full_out, full_lse = reference.partial_attention(q, k, v, pos, pos, scale=0.25)
+    full_out, full_lse = partial_attention(q, k, v, pos, pos, scale=0.25, backend="reference")
     for i in range(beta):
         qi = rshard(n, beta, i)
         parts = [

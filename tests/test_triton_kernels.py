@@ -34,6 +34,7 @@ pytest.importorskip("triton")
 
 from fxdisagg.errors import KernelError  # noqa: E402
 from fxdisagg.kernels import triton_backend as tb  # noqa: E402
+from fxdisagg.kernels.features import TileFeatures  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -121,9 +122,14 @@ def _shard(N, beta, i):
     return torch.arange(N, device=DEV)[i::beta]
 
 
+def _attention(q, k, v, q_pos, k_pos, **feat):
+    """The triton launcher, with the tile's features given as keywords of `TileFeatures`."""
+    return tb.partial_attention(q, k, v, TileFeatures(q_pos, k_pos, **feat))
+
+
 def _run_both(q, k, v, q_pos, k_pos, dtype, **feat):
     scale = feat.pop("scale", 1.0 / math.sqrt(q.shape[-1]))
-    out, lse = tb.partial_attention(q, k, v, q_pos, k_pos, scale=scale, **feat)
+    out, lse = _attention(q, k, v, q_pos, k_pos, scale=scale, **feat)
     ref_out, ref_lse = oracle_attention(q, k, v, q_pos, k_pos, scale=scale, **feat)
     _check(out, lse, ref_out, ref_lse, dtype)
     return out, lse, ref_lse
@@ -256,8 +262,8 @@ def test_rsharded_grid_plus_merge_equals_full_causal(dtype, N, beta):
     for i in range(beta):
         qi = _shard(N, beta, i)
         partials = [
-            tb.partial_attention(q[:, :, qi], k[:, :, kj], v[:, :, kj], qi, kj,
-                                 scale=scale, causal=True, window=None)
+            _attention(q[:, :, qi], k[:, :, kj], v[:, :, kj], qi, kj,
+                       scale=scale, causal=True, window=None)
             for kj in (_shard(N, beta, j) for j in range(beta))
         ]
         o_i, l_i = tb.expsum_merge(torch.stack([p[0] for p in partials]),
@@ -295,14 +301,14 @@ def test_empty_shards(causal):
     # Mk = 0: every row fully masked
     q = _randn((2, 2, 5, D), torch.float32, gen)
     kv0 = _randn((2, 1, 0, D), torch.float32, gen)
-    out, lse = tb.partial_attention(q, kv0, kv0, torch.arange(5, device=DEV), e,
-                                    scale=0.25, causal=causal, window=None)
+    out, lse = _attention(q, kv0, kv0, torch.arange(5, device=DEV), e,
+                          scale=0.25, causal=causal, window=None)
     assert out.shape == (2, 2, 5, D) and (out == 0).all() and (lse == NEG_INF).all()
     # Mq = 0: empty outputs
     q0 = _randn((2, 2, 0, D), torch.float32, gen)
     kv = _randn((2, 1, 5, D), torch.float32, gen)
-    out, lse = tb.partial_attention(q0, kv, kv, e, torch.arange(5, device=DEV),
-                                    scale=0.25, causal=causal, window=None)
+    out, lse = _attention(q0, kv, kv, e, torch.arange(5, device=DEV),
+                          scale=0.25, causal=causal, window=None)
     assert out.shape == (2, 2, 0, D) and lse.shape == (2, 2, 0)
 
 
@@ -318,9 +324,9 @@ def test_skipped_key_blocks_are_never_read():
     ref_out, ref_lse = oracle_attention(q, k, v, torch.arange(Mq), torch.arange(Mk),
                                         scale=0.25, causal=True)
     k[:, :, 128:], v[:, :, 128:] = float("nan"), float("nan")
-    out, lse = tb.partial_attention(q, k, v, torch.arange(Mq, device=DEV),
-                                    torch.arange(Mk, device=DEV), scale=0.25, causal=True,
-                                    window=None)
+    out, lse = _attention(q, k, v, torch.arange(Mq, device=DEV),
+                          torch.arange(Mk, device=DEV), scale=0.25, causal=True,
+                          window=None)
     _check(out, lse, ref_out, ref_lse, torch.float32)
 
 
@@ -366,9 +372,9 @@ def test_merge_of_split_keys_equals_one_call():
     B, H, M, D = 1, 2, 30, 16
     q, k, v = (_randn((B, H, M, D), torch.float32, gen) for _ in range(3))
     pos = torch.arange(M, device=DEV)
-    full = tb.partial_attention(q, k, v, pos, pos, scale=0.25, causal=True, window=None)
-    parts = [tb.partial_attention(q, k[:, :, c], v[:, :, c], pos, pos[c], scale=0.25,
-                                  causal=True, window=None)
+    full = _attention(q, k, v, pos, pos, scale=0.25, causal=True, window=None)
+    parts = [_attention(q, k[:, :, c], v[:, :, c], pos, pos[c], scale=0.25,
+                        causal=True, window=None)
              for c in (slice(0, 7), slice(7, 20), slice(20, 30))]
     out, lse = tb.expsum_merge(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
     torch.testing.assert_close(out, full[0], atol=1e-5, rtol=1e-5)
@@ -389,7 +395,7 @@ def test_graph_ops_are_registered_and_traceable():
     pos = torch.arange(8, device=DEV)
 
     def f(q, k, v, pos):
-        o, l = tb.partial_attention(q, k, v, pos, pos, scale=0.25, causal=True, window=None)
+        o, l = _attention(q, k, v, pos, pos, scale=0.25, causal=True, window=None)
         return tb.expsum_merge(o[None], l[None])
 
     gm = make_fx(f, tracing_mode="fake")(q, k, v, pos)
@@ -406,14 +412,14 @@ def test_bad_arguments_raise_kernel_error():
     kv = torch.zeros(1, 2, 4, 16, device=DEV)
     pos = torch.arange(4, device=DEV)
     with pytest.raises(KernelError, match="multiple of kv heads"):
-        tb.partial_attention(q, kv, kv, pos, pos, scale=1.0, causal=True, window=None)
+        _attention(q, kv, kv, pos, pos, scale=1.0, causal=True, window=None)
     with pytest.raises(KernelError, match="share dtype"):
-        tb.partial_attention(q[:, :2], kv.half(), kv.half(), pos, pos, scale=1.0,
-                             causal=True, window=None)
+        _attention(q[:, :2], kv.half(), kv.half(), pos, pos, scale=1.0,
+                   causal=True, window=None)
     with pytest.raises(KernelError, match="q_pos"):
-        tb.partial_attention(q[:, :2], kv, kv, pos[:3], pos, scale=1.0, causal=True, window=None)
+        _attention(q[:, :2], kv, kv, pos[:3], pos, scale=1.0, causal=True, window=None)
     with pytest.raises(KernelError, match="k_pos must be torch.int64"):
-        tb.partial_attention(q[:, :2], kv, kv, pos, pos.int(), scale=1.0, causal=True, window=None)
+        _attention(q[:, :2], kv, kv, pos, pos.int(), scale=1.0, causal=True, window=None)
     with pytest.raises(KernelError, match="lses"):
         tb.expsum_merge(torch.zeros(2, 1, 1, 4, 16, device=DEV), torch.zeros(2, 1, 1, 4, device=DEV).half())
 
