@@ -57,7 +57,6 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], ctx: PassContext) -> fx.G
         try:
             gm = p(gm, ctx)
             gm.graph.lint()
-            gm.recompile()
         except FxDisaggError:
             raise
         except Exception as e:  # noqa: BLE001 - wrapped with context, cause chained
@@ -68,4 +67,5 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], ctx: PassContext) -> fx.G
             ctx.dumper.pass_done(len(done), name, before, gm, ctx.timings[name])
         done.append(name)
         log.debug("pass %s took %.3f s", name, ctx.timings[name])
+    gm.recompile()      # once: passes read the graph, not the code (dumps print the graph)
     return gm

@@ -74,7 +74,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
     layers = tuple(_layer_pieces(ctx, l, ps) for l, ps in sorted(partials.items()))
     frontier_nodes = _frontier(gm)
     flat = _comp_program(gm, ctx, frontier_nodes, partials, {lp.layer: lp for lp in layers})
-    comp = split_stages(flat)
+    comp = split_stages(flat, gm)
     attn = _attn_program(partials, layers)
     epilogue = _epilogue_program(gm, frontier_nodes)
     frontier = tuple(FrontierValue(n.name, _token_dim(n, ctx) if n.meta[ROLE] == "comp" else None)
@@ -145,7 +145,7 @@ def _token_dim(n: fx.Node, ctx) -> int:
 
 
 # -- CompNode program (flat; `split_stages` cuts it) ---------------------------------------------
-def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.GraphModule:
+def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.Graph:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     local: dict[fx.Node, fx.Node] = {}
@@ -188,7 +188,7 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
             env[node] = g.node_copy(node, lambda a: env[a])
     g.output(tuple(remap(n) if n.meta[ROLE] == "comp" else env[n] for n in frontier_nodes))
     g.eliminate_dead_code()
-    return fx.GraphModule(gm, g, class_name="CompNodeProgram")
+    return g
 
 
 def _exchange(g: fx.Graph, merge: fx.Node, partials, lp: LayerPieces, remap, tokens) -> fx.Node:
