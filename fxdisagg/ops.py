@@ -97,8 +97,7 @@ def exchange_wait(handle: Tensor, rows: list[Tensor], layer: int, phase: str, pi
     """Wait for the exchange ``handle`` started and return what this rank received:
     ``pieces`` (`fxdisagg.schedule.PieceSpec` text) in order, the token dim of a piece of
     side s sized ``rows[s].size(0)``. Empty for a rank that only sends in this phase."""
-    got = comm.current().wait(int(handle), list(rows))
-    return got
+    return comm.current().wait(int(handle), list(rows))
 
 
 def _exchange_start_fake(send, layer, phase):

@@ -26,6 +26,9 @@ same atoms. Anything else (query-dependent terms, ``or``, offsets other than the
 `UnsupportedMaskError`.
 
 Counts: ``classify_masks.causal``, ``.window``, ``.padding``, ``.documents``.
+
+One module on purpose (~400 lines): the abstract interpreter and the classifier of its
+terms are one proof; apart, neither can be read or tested alone.
 """
 
 from __future__ import annotations

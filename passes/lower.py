@@ -149,6 +149,7 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     local: dict[fx.Node, fx.Node] = {}
+    merged: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
     for ph in gm.graph.find_nodes(op="placeholder"):
         env[ph] = g.node_copy(ph)
     tokens = g.placeholder("tokens")
@@ -181,7 +182,9 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
             continue
         if node.target is OPS.expsum_merge:
             layer = node.meta[ir.LAYER]
-            env[node] = _exchange(g, node, partials[layer], layers[layer], remap, tokens)
+            merged[node] = _exchange(g, node, partials[layer], layers[layer], remap, tokens)
+        elif node.target is operator.getitem and node.args[0] in merged:
+            env[node] = merged[node.args[0]][node.args[1]]    # (out, lse) of the merge
         elif role == "comp":
             env[node] = g.node_copy(node, remap)
         else:  # prologue, static: replicated as captured
@@ -191,8 +194,10 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
     return g
 
 
-def _exchange(g: fx.Graph, merge: fx.Node, partials, lp: LayerPieces, remap, tokens) -> fx.Node:
-    """The four collectives of one layer on a CompNode, then the merge of its partials."""
+def _exchange(g: fx.Graph, merge: fx.Node, partials, lp: LayerPieces, remap, tokens
+              ) -> tuple[fx.Node, fx.Node]:
+    """The four collectives of one layer on a CompNode, then the merge of its partials:
+    (out, lse). A merge of one partial (beta == 1) is that partial: read in place, no copy."""
     l, stage = lp.layer, merge.meta[STAGE]
     q_side, k_side = _sides(partials[0])
     send = [remap(x) for x in (*q_side.values(), *k_side.values())]
@@ -204,10 +209,19 @@ def _exchange(g: fx.Graph, merge: fx.Node, partials, lp: LayerPieces, remap, tok
                     name=f"return_wait_{l}", **comm)
     outs = make_node(g, operator.getitem, (got, 0), name=f"partial_outs_{l}", **comm)
     lses = make_node(g, operator.getitem, (got, 1), name=f"partial_lses_{l}", **comm)
-    merged = make_node(g, OPS.expsum_merge, (outs, lses, args_of(merge)["backend"]), val=None,
-                       created_by="lower", like=merge, name=f"expsum_merge_{l}")
-    merged.meta[STAGE] = stage
-    return merged
+    if lp.arity == 1:
+        pair = tuple(make_node(g, aten.select.int, (x, 0, 0), val=None, created_by="lower",
+                               like=merge, name=f"{what}_{l}")
+                     for x, what in ((outs, "attention_out"), (lses, "attention_lse")))
+    else:
+        merged = make_node(g, OPS.expsum_merge, (outs, lses, args_of(merge)["backend"]), val=None,
+                           created_by="lower", like=merge, name=f"expsum_merge_{l}")
+        pair = tuple(make_node(g, operator.getitem, (merged, k), val=None, created_by="lower",
+                               like=merge, name=f"{what}_{l}")
+                     for k, what in ((0, "attention_out"), (1, "attention_lse")))
+    for n in pair:
+        n.meta[STAGE] = stage
+    return pair
 
 
 # -- AttnNode program ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ called for every length, so workers start once per model. Qwen2 at (1, 4) is the
 world (17 workers), as the issue asks.
 """
 
+import glob
 import multiprocessing
 import os
 import re
@@ -142,7 +143,10 @@ def test_close_and_context_manager_leave_no_process():
     with dm:
         dm(**inputs("llama", BATCH, 7))
         assert len(dm.runtime.pids) == 2
+        tag = dm.runtime.tag
+        assert glob.glob(f"/dev/shm/fxdisagg-{tag}-*"), "payloads travel through shared memory"
     assert _no_workers_left()
+    assert not glob.glob(f"/dev/shm/fxdisagg-{tag}-*"), "segments are removed with the workers"
 
 
 def test_worker_exception_raises_with_rank_role_layer_and_traceback():
@@ -177,12 +181,14 @@ def _killed_worker_is_reported(alpha, beta, kill, pattern):
                           launch="spawn", timeout=KILL_TIMEOUT)
     kw = inputs("llama", BATCH, 7)
     dm(**kw)
+    tag = dm.runtime.tag
     kill(dm.runtime)
     t0 = time.monotonic()
     with pytest.raises(fxdisagg.WorkerError, match=pattern):
         dm(**kw)
     assert time.monotonic() - t0 <= KILL_TIMEOUT + 10
     assert _no_workers_left()
+    assert not glob.glob(f"/dev/shm/fxdisagg-{tag}-*"), "a killed worker's segments are removed"
     return model, dm, kw
 
 

@@ -4,6 +4,9 @@ Tiles are built the way the AttnNodes see them: R-sharding puts token t on atten
 `t % beta`, so tile (i, j) has q_pos = i, i+beta, ... and k_pos = j, j+beta, ... Edge cases
 that break merges are included: N not divisible by beta, N < beta (empty shards), fully
 masked rows, GQA/MQA, per-batch features.
+
+One module on purpose (~460 lines): every kernel property is checked against the same
+fp64 oracle and tile builders; split by backend it would repeat them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ every stage re-traces with its own token symbols, stage labels, one frozen confi
 per-length state, and workers that never import the user's script."""
 
 import dataclasses
-import operator
 import subprocess
 import sys
 import textwrap

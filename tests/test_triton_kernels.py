@@ -19,6 +19,9 @@ to the test dtype first, so only kernel error is measured):
 Shapes stay tiny (M <= 40 except one 160-key case, D <= 32 except one D=128 case with
 M <= 9, B <= 2, H <= 4): 192 cases (50 bf16 ones skipped without CUDA), ~30 s on one core
 under the interpreter.
+
+One module on purpose (~440 lines): the interpreter set-up above must precede every
+Triton import, and the cases share the oracle and the tile builders.
 """
 
 import math

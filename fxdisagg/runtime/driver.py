@@ -24,7 +24,6 @@ from fxdisagg.errors import WorkerError
 from fxdisagg.plan import Plan
 from fxdisagg.runtime.layout import COMP, RankLayout
 from fxdisagg.runtime.worker import LRU, worker_error
-from fxdisagg.schedule import Schedule
 
 
 class Driver:
@@ -86,9 +85,6 @@ class Driver:
         frontier = gather_frontier(plan, programs.frontier, pieces)
         with torch.no_grad():
             return list(programs.epilogue(*frontier))
-
-    def expected_traffic(self, programs, n: int) -> dict[int, dict[str, int]]:
-        return Schedule.build(self.plan(n), self.layout, programs.layers).traffic()
 
     def call(self, rank: int, fn, *args):
         """Run ``fn(worker, *args)`` inside worker ``rank`` and return its result (``fn``

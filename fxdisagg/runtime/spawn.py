@@ -7,7 +7,8 @@ torchrun starts its ranks from a module of its own. Scripts without an
 ``if __name__ == "__main__":`` guard and notebooks therefore work.
 
 Each worker joins a gloo process group (localhost), runs the shared `Worker` loop with a
-`CollectiveTransport`, and persists for the DisaggregatedModel's lifetime. The driver is not
+`SharedMemoryTransport` (payloads through shared memory, a small header through gloo; see
+`fxdisagg.runtime.shm`), and persists for the DisaggregatedModel's lifetime. The driver is not
 in the group: it talks to workers over torch.multiprocessing queues (programs, inputs,
 frontier pieces, errors) and polls their liveness while it waits. CompNode weights travel
 once per capture in shared memory (``share_memory_``: one copy in RAM). CPU only: CUDA
@@ -35,11 +36,26 @@ import torch.multiprocessing as mp
 
 from fxdisagg.errors import ConfigError, WorkerError
 from fxdisagg.runtime.driver import Driver
-from fxdisagg.runtime.layout import RankLayout
-from fxdisagg.runtime.transport import CollectiveTransport
+from fxdisagg.runtime.layout import COMP, RankLayout
+from fxdisagg.runtime.shm import SharedMemoryTransport, remove_segments
 from fxdisagg.runtime.worker import ProgramBlob, Worker, format_error, serve, worker_error
 
 log = logging.getLogger(__name__)
+
+
+def _tag(driver_pid: int, port: int) -> str:
+    """Names this runtime's shared-memory segments (`fxdisagg.runtime.shm`)."""
+    return f"{driver_pid}-{port}"
+
+
+def _threads(layout: RankLayout, rank: int) -> int:
+    """Intra-op threads of a worker: the cores shared by the workers of its role, which run
+    at the same time (CompNodes together, then AttnNodes together); more would oversubscribe
+    the cores while the peers compute (measured at (2, 2) on 2 cores: 1.74x -> see the
+    runtime benchmark)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    peers = layout.alpha * layout.tp if layout.role(rank)[0] == COMP else layout.beta ** 2
+    return max(1, cores // peers)
 
 
 def _worker_main(rank, config, port, cmd_q, res_q, progress, parent_pid):
@@ -47,14 +63,20 @@ def _worker_main(rank, config, port, cmd_q, res_q, progress, parent_pid):
     import fxdisagg  # noqa: F401  (registers the ops the programs call)
 
     layout = RankLayout(config.alpha, config.beta, config.tp)
+    if "OMP_NUM_THREADS" not in os.environ:      # a user's own setting wins
+        torch.set_num_threads(_threads(layout, rank))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=layout.world,
                                 timeout=datetime.timedelta(seconds=config.timeout))
-        transport = CollectiveTransport(rank, layout.world, progress=progress)
+        transport = SharedMemoryTransport(rank, layout.world, tag=_tag(parent_pid, port),
+                                          progress=progress)
         worker = Worker(rank, layout, transport, strategy=config.sharding, cache_size=config.cache_size)
         res_q.put(("ready", rank))
-        serve(worker, cmd_q, res_q, alive=lambda: os.getppid() == parent_pid)
+        try:
+            serve(worker, cmd_q, res_q, alive=lambda: os.getppid() == parent_pid)
+        finally:
+            transport.close()
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises WorkerError
         res_q.put(("error", rank, None, format_error(e)))
@@ -88,8 +110,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(procs, cmd_qs, grace: float) -> None:
-    """Ask workers to leave, then kill whoever is still there. Safe to call twice."""
+def _stop(procs, cmd_qs, grace: float, tag: str | None = None) -> None:
+    """Ask workers to leave, then kill whoever is still there, and remove what shared
+    memory a killed worker left. Safe to call twice."""
     for p, q in zip(procs, cmd_qs):
         if p.is_alive():
             try:
@@ -103,6 +126,8 @@ def _stop(procs, cmd_qs, grace: float) -> None:
         if p.is_alive():
             p.kill()
             p.join(5.0)
+    if tag is not None:
+        remove_segments(tag)
 
 
 class SpawnRuntime(Driver):
@@ -114,11 +139,13 @@ class SpawnRuntime(Driver):
         self.res_q = ctx.Queue()
         self.cmd_qs = [ctx.Queue() for _ in range(world)]
         port = _free_port()
+        self.tag = _tag(os.getpid(), port)
         self.procs = [ctx.Process(target=_worker_main, name=f"fxdisagg-{self.layout.describe(r)}",
                                   args=(r, config, port, self.cmd_qs[r], self.res_q, self.progress,
                                         os.getpid()), daemon=True)
                       for r in range(world)]
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.cmd_qs, 5.0)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.cmd_qs, 5.0,
+                                           _tag(os.getpid(), port))
         with _workers_start_from_fxdisagg():
             for p in self.procs:
                 p.start()
@@ -178,7 +205,7 @@ class SpawnRuntime(Driver):
                             f"the worker process (pid {self.procs[r].pid}) {how}")
 
     def _stop(self):
-        _stop(self.procs, self.cmd_qs, 0.0)
+        _stop(self.procs, self.cmd_qs, 0.0, self.tag)
 
     def close(self) -> None:
         self._finalizer()

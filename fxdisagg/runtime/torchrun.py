@@ -28,7 +28,6 @@ from fxdisagg.runtime.driver import active_comp_nodes, gather_frontier
 from fxdisagg.runtime.layout import COMP, RankLayout
 from fxdisagg.runtime.transport import CollectiveTransport
 from fxdisagg.runtime.worker import Worker, programs_digest, worker_error
-from fxdisagg.schedule import Schedule
 
 _DTYPES = (torch.int64, torch.int32, torch.bool, torch.float32, torch.float16, torch.bfloat16,
            torch.float64, torch.uint8)
@@ -85,9 +84,6 @@ class TorchrunRuntime:
             return None
         with torch.no_grad():
             return list(programs.epilogue(*gather_frontier(plan, programs.frontier, gathered)))
-
-    def expected_traffic(self, programs, n: int) -> dict:
-        return Schedule.build(self.worker.plan(n), self.layout, programs.layers).traffic()
 
     # -- set-up --------------------------------------------------------------------------------
     def _load(self, programs) -> int:

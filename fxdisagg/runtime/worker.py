@@ -79,7 +79,7 @@ class Worker:
         with comm.bound(self.transport), torch.no_grad():
             if self.role == ATTN:
                 i, j = self.index
-                dev = self.transport_device()
+                dev = getattr(self.transport, "device", None) or torch.device("cpu")
                 program(plan.shard_tokens[i].to(dev), plan.shard_tokens[j].to(dev))
                 return None
             tokens = plan.comp_tokens[self.index]
@@ -87,9 +87,6 @@ class Worker:
                 self.transport.idle()
                 return None
             return tuple(program(*flat, tokens.to(flat[0].device)))
-
-    def transport_device(self):
-        return getattr(self.transport, "device", None) or torch.device("cpu")
 
     def handle(self, msg):
         kind = msg[0]
