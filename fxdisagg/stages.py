@@ -1,6 +1,6 @@
 """Staged programs: a CompNode program cut at its collectives, and meta["val"] made true.
 
-`split_stages` turns the flat CompNode program into a top-level graph that holds only the
+`split_stages` turns a flat role program (CompNode or AttnNode) into a top-level graph that holds only the
 placeholders, the collectives (nodes whose ``meta["fxdisagg.role"]`` is ``comm``) and one
 ``call_module`` per stage; stage s (``stage_s``, a GraphModule of its own) holds every
 compute node with ``meta["fxdisagg.stage"] == s``. Between two stages is exactly where a
@@ -41,7 +41,7 @@ def _block(n: fx.Node):
     return n.meta.get(STAGE, 0)
 
 
-def split_stages(flat: fx.Graph, root: torch.nn.Module) -> fx.GraphModule:
+def split_stages(flat: fx.Graph, root: torch.nn.Module, class_name: str) -> fx.GraphModule:
     """The staged program (see the module docstring) of the flat CompNode graph ``flat``,
     whose ``get_attr`` nodes read ``root``; ``flat`` is left unchanged."""
     nodes = list(flat.nodes)
@@ -68,7 +68,7 @@ def split_stages(flat: fx.Graph, root: torch.nn.Module) -> fx.GraphModule:
             env[out] = top.call_function(operator.getitem, (call, k))
             env[out].name = top._graph_namespace.create_name(out.name, None)
             env[out].meta.update(out.meta)
-    return fx.GraphModule(stages, top, class_name="CompNodeProgram")
+    return fx.GraphModule(stages, top, class_name=class_name)
 
 
 def _liveness(nodes, block, members):
@@ -178,8 +178,13 @@ def _structure(gm: fx.GraphModule) -> tuple:
 
 def _metadata(v) -> object:
     if isinstance(v, torch.Tensor):
-        return ("t", tuple(str(s) for s in v.shape), tuple(str(s) for s in v.stride()), v.dtype)
-    return ("v", str(v))
+        return ("t", tuple(map(_size, v.shape)), tuple(map(_size, v.stride())), v.dtype)
+    return ("v", _size(v))
+
+
+def _size(s):
+    """A size as a hashable value: the sympy expression of a SymInt (no printing)."""
+    return s.node.expr if isinstance(s, torch.SymInt) else s
 
 
 def _symbolic(mode: FakeTensorMode, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -18,10 +18,10 @@ symbols (`fxdisagg.stages.propagate`):
   Stage 0 runs the replicated prologue over all N tokens and localises every
   token-indexed prologue value to the CompNode's ``tokens`` (``index_select``), so the
   sequence length symbol becomes the local token count ``tokens.size(0)``.
-- **AttnNode program** ``(q_tokens, k_tokens) -> ()``, parameter-free: per layer
-  ``exchange_wait`` (the tile: q-side rows of its query shard, k-side rows of its key
-  shard, sized by the placeholders) -> ``partial_attention`` -> ``exchange_start`` of the
-  reply. The same program runs on every AttnNode.
+- **AttnNode program** ``(q_tokens, k_tokens) -> ()``, parameter-free, staged the same
+  way: per layer ``exchange_wait`` (the tile: q-side rows of its query shard, k-side rows
+  of its key shard, sized by the placeholders) -> ``stage_l`` (``partial_attention``) ->
+  ``exchange_start`` of the reply. The same program runs on every AttnNode.
 - **epilogue program** ``(*frontier gathered over all tokens) -> flat outputs``.
 
 ``RolePrograms.layers`` holds one `LayerPieces` per attention: the routing facts the
@@ -74,7 +74,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
     layers = tuple(_layer_pieces(ctx, l, ps) for l, ps in sorted(partials.items()))
     frontier_nodes = _frontier(gm)
     flat = _comp_program(gm, ctx, frontier_nodes, partials, {lp.layer: lp for lp in layers})
-    comp = split_stages(flat, gm)
+    comp = split_stages(flat, gm, class_name="CompNodeProgram")
     attn = _attn_program(partials, layers)
     epilogue = _epilogue_program(gm, frontier_nodes)
     frontier = tuple(FrontierValue(n.name, _token_dim(n, ctx) if n.meta[ROLE] == "comp" else None)
@@ -226,26 +226,29 @@ def _exchange(g: fx.Graph, merge: fx.Node, partials, lp: LayerPieces, remap, tok
 
 # -- AttnNode program ---------------------------------------------------------------------------
 def _attn_program(partials, layers: tuple[LayerPieces, ...]) -> fx.GraphModule:
+    """Collectives at the top level, the partial attention of layer l in ``stage_l``: the
+    same shape as the CompNode program (and every layer's stage propagates once)."""
     g = fx.Graph()
     q_tokens, k_tokens = g.placeholder("q_tokens"), g.placeholder("k_tokens")
     for lp in layers:
         l, a = lp.layer, args_of(partials[lp.layer][0])
-        mk = dict(val=None, created_by="lower", layer=l)
-        h = make_node(g, OPS.exchange_start, ([], l, DISPATCH), name=f"dispatch_start_{l}", **mk)
+        comm = dict(val=None, created_by="lower", layer=l, role="comm")
+        work = dict(val=None, created_by="lower", layer=l, role="attn", stage=l)
+        h = make_node(g, OPS.exchange_start, ([], l, DISPATCH), name=f"dispatch_start_{l}", **comm)
         tile = make_node(g, OPS.exchange_wait, (h, [q_tokens, k_tokens], l, DISPATCH,
                                                 encode_pieces(lp.dispatch)),
-                         name=f"tile_{l}", **mk)
-        t = {p.name: make_node(g, operator.getitem, (tile, k), name=f"{p.name}_{l}", **mk)
+                         name=f"tile_{l}", **comm)
+        t = {p.name: make_node(g, operator.getitem, (tile, k), name=f"{p.name}_{l}", **comm)
              for k, p in enumerate(lp.dispatch)}
         args = schema_args(OPS.partial_attention, **{k: t[k] for k in t},
                            **{k: a[k] for k in ("scale", "causal", "window", "backend")})
-        p = make_node(g, OPS.partial_attention, args, name=f"partial_attention_{l}", **mk)
-        out = make_node(g, operator.getitem, (p, 0), name=f"out_{l}", **mk)
-        lse = make_node(g, operator.getitem, (p, 1), name=f"lse_{l}", **mk)
-        h = make_node(g, OPS.exchange_start, ([out, lse], l, RETURN), name=f"return_start_{l}", **mk)
-        make_node(g, OPS.exchange_wait, (h, [], l, RETURN, ""), name=f"return_wait_{l}", **mk)
+        p = make_node(g, OPS.partial_attention, args, name=f"partial_attention_{l}", **work)
+        out = make_node(g, operator.getitem, (p, 0), name=f"out_{l}", **work)
+        lse = make_node(g, operator.getitem, (p, 1), name=f"lse_{l}", **work)
+        h = make_node(g, OPS.exchange_start, ([out, lse], l, RETURN), name=f"return_start_{l}", **comm)
+        make_node(g, OPS.exchange_wait, (h, [], l, RETURN, ""), name=f"return_wait_{l}", **comm)
     g.output(())
-    return fx.GraphModule(torch.nn.Module(), g, class_name="AttnNodeProgram")
+    return split_stages(g, torch.nn.Module(), class_name="AttnNodeProgram")
 
 
 # -- epilogue ------------------------------------------------------------------------------------
