@@ -53,7 +53,7 @@ def split_stages(flat: fx.Graph, root: torch.nn.Module, class_name: str) -> fx.G
     live_in, live_out = _liveness(nodes, block, members)
     order = _block_order(nodes, block, members)
 
-    stages = torch.nn.Module()
+    stages, built = torch.nn.Module(), {}
     top = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for b in order:
@@ -61,14 +61,18 @@ def split_stages(flat: fx.Graph, root: torch.nn.Module, class_name: str) -> fx.G
             env[b] = top.node_copy(b, lambda a: env[a])
             continue
         name = f"stage_{b}"
-        setattr(stages, name, _stage_module(root, b, members[b], live_in[b], live_out[b]))
+        setattr(stages, name, torch.nn.Module())    # the real stage is attached below
+        built[name] = _stage_module(root, b, members[b], live_in[b], live_out[b])
         call = top.call_module(name, tuple(env[a] for a in live_in[b]))
         call.meta[STAGE] = b
         for k, out in enumerate(live_out[b]):
             env[out] = top.call_function(operator.getitem, (call, k))
             env[out].name = top._graph_namespace.create_name(out.name, None)
             env[out].meta.update(out.meta)
-    return fx.GraphModule(stages, top, class_name=class_name)
+    program = fx.GraphModule(stages, top, class_name=class_name)
+    for name, stage in built.items():    # after: building the top would compile them again
+        setattr(program, name, stage)
+    return program
 
 
 def _liveness(nodes, block, members):
