@@ -5,15 +5,15 @@ A mid-size Llama (hidden 512, 8 layers, 8 heads, fp32) at N tokens, batch 1:
   - captured: the graph torch.export captured, run as it is in this process (no
             disaggregation): what the CompNode and AttnNode programs are cut from. Under
             export HF builds the dense [N, N] mask it skips in eager mode, so this column
-            separates the cost of the capture from the cost of the runtime (the role
-            programs never build that mask: their tiles are causal by construction);
-  - (1, 1): one CompNode + one AttnNode process over gloo (launch="spawn"): the cost of the
-            runtime itself (export-captured programs, two all_to_alls per layer, inputs and
-            frontier through the driver channel), with no parallelism to hide it;
+            puts the cost of the capture beside the cost of the runtime;
+  - (1, 1): one CompNode + one AttnNode process (launch="spawn": payloads through shared
+            memory, a small header through gloo, four collectives per layer, inputs and
+            frontier through the driver channel), with no parallelism to hide the runtime;
   - (2, 2): two CompNodes and four AttnNodes, beside it for scale (on a machine with fewer
             cores than workers it measures contention, not speed-up).
 Workers start before timing (first call); repeats are interleaved (eager, (1,1), (2,2), ...)
-and medians compared, so load from other processes affects all alike. Goals (issue 7): (1,1)/eager <= 1.10, (2,2)/eager <= 1.15.
+and medians compared, so load from other processes affects all alike.
+Goals (issue 7): (1,1)/eager <= 1.10, (2,2)/eager <= 1.15.
 
 Usage: python benchmarks/runtime_cpu.py [--quick] [--n N] [--repeats R] [--no-22]
 """
