@@ -15,6 +15,7 @@ start, which channels carry commands, and how a dead worker is seen (`_dead`). A
 
 from __future__ import annotations
 
+import abc
 import queue
 import time
 
@@ -26,7 +27,7 @@ from fxdisagg.runtime.layout import COMP, RankLayout
 from fxdisagg.runtime.worker import LRU, worker_error
 
 
-class Driver:
+class Driver(abc.ABC):
     START_TIMEOUT = 180.0
 
     def __init__(self, config):
@@ -40,21 +41,24 @@ class Driver:
         self._keys: dict[int, tuple[int, object]] = {}
 
     # -- what subclasses provide ---------------------------------------------------------------
+    @abc.abstractmethod
     def _post(self, rank: int, msg) -> None:
-        raise NotImplementedError
+        """Send command ``msg`` to worker ``rank``."""
 
+    @abc.abstractmethod
     def _answers(self) -> queue.Queue:
-        raise NotImplementedError
+        """The queue every worker answers on."""
 
+    @abc.abstractmethod
     def _dead(self) -> WorkerError | None:
         """An error for the first worker found dead, else None."""
-        raise NotImplementedError
 
     def _blob(self, program):
         return program
 
+    @abc.abstractmethod
     def _stop(self) -> None:
-        raise NotImplementedError
+        """Stop every worker; safe to call twice."""
 
     # -- calls ---------------------------------------------------------------------------------
     def plan(self, n: int) -> Plan:

@@ -74,25 +74,19 @@ class SharedMemoryTransport(Transport):
             self._mine[phase] = (gen, seg)
         return gen, seg
 
-    def start(self, layer: int, phase: str, tensors: list) -> int:
-        ex = self.schedule.exchanges[(layer, phase)]
-        self.layer = layer
-        if self.progress is not None:
-            self.progress[self.rank] = layer
+    def _send_buffer(self, ex: Exchange) -> torch.Tensor:
         total = sum(r.nbytes(ex.send_pieces) for r in ex.sends(self.rank))
-        gen, seg = self._segment(phase, total)
-        _, dsts, sizes = ex.pack(self.rank, tensors, out=seg[:total])
-        self.sent[(layer, phase)] = total
+        return self._segment(ex.phase, total)[1][:total]
+
+    def _post(self, ex: Exchange, buf, dsts, sizes):
+        gen = self._mine[ex.phase][0]
         header = torch.zeros(self.world, 3, dtype=torch.int64)
         off = 0
         for d, s in zip(dsts, sizes):
             header[d] = torch.tensor([gen, off, s])
             off += s
         got = torch.empty_like(header)
-        work = dist.all_to_all_single(got, header, group=self.group, async_op=True)
-        self._next += 1
-        self._pending[self._next] = (ex, (work, got))
-        return self._next
+        return dist.all_to_all_single(got, header, group=self.group, async_op=True), got
 
     def _collect(self, ex: Exchange, token) -> list:
         work, got = token

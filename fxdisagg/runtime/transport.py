@@ -18,6 +18,7 @@ driver's stall detection.
 
 from __future__ import annotations
 
+import abc
 import queue
 import threading
 import time
@@ -28,8 +29,9 @@ import torch.distributed as dist
 from fxdisagg.schedule import Exchange, Schedule
 
 
-class Transport:
-    """Bookkeeping shared by every transport; subclasses move bytes (`_post`, `_collect`)."""
+class Transport(abc.ABC):
+    """Bookkeeping shared by every transport; subclasses move bytes (`_post`, `_collect`)
+    and may choose where `pack` writes (`_send_buffer`)."""
 
     def __init__(self, rank: int, world: int, progress: torch.Tensor | None = None):
         self.rank, self.world, self.progress = rank, world, progress
@@ -48,7 +50,7 @@ class Transport:
         self.layer = layer
         if self.progress is not None:
             self.progress[self.rank] = layer
-        buf, dsts, sizes = ex.pack(self.rank, tensors)
+        buf, dsts, sizes = ex.pack(self.rank, tensors, out=self._send_buffer(ex))
         self.sent[(layer, phase)] = buf.numel()
         token = self._post(ex, buf, dsts, sizes)
         self._next += 1
@@ -67,11 +69,17 @@ class Transport:
         for (layer, phase) in self.schedule.exchanges:
             self.wait(self.start(layer, phase, []), [])
 
-    def _post(self, ex: Exchange, buf, dsts, sizes):
-        raise NotImplementedError
+    def _send_buffer(self, ex: Exchange) -> torch.Tensor | None:
+        """The uint8 buffer `pack` writes this rank's routes into; None: a new one."""
+        return None
 
+    @abc.abstractmethod
+    def _post(self, ex: Exchange, buf, dsts, sizes):
+        """Move the packed ``buf`` (``sizes[k]`` bytes for rank ``dsts[k]``); returns a token."""
+
+    @abc.abstractmethod
     def _collect(self, ex: Exchange, token) -> list:
-        raise NotImplementedError
+        """The uint8 chunks this rank received for ``token``, one per route, in source order."""
 
 
 class CollectiveTransport(Transport):
