@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import threading
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from fxdisagg.capture import Captured, capture, check_inference, flat_inputs
+from fxdisagg.capture import Captured, capture, check_inference, check_token_ids, flat_inputs
 from fxdisagg.config import Config
 from fxdisagg.errors import InputError
 from fxdisagg.passes.classify_masks import classify_masks
@@ -73,6 +74,7 @@ class DisaggregatedModel:
         self._last_n = None
         self._last_key = None
         self._runtime = None
+        self._lock = threading.RLock()
 
     alpha = property(lambda self: self.config.alpha)
     beta = property(lambda self: self.config.beta)
@@ -82,6 +84,10 @@ class DisaggregatedModel:
     def prepare(self, inputs: dict[str, Any]) -> Compiled:
         """Capture and compile for the batch size and the non-tensor settings of ``inputs``
         (``logits_to_keep=1``, ...), once each: every sequence length shares the capture."""
+        with self._lock:
+            return self._prepare(inputs)
+
+    def _prepare(self, inputs: dict[str, Any]) -> Compiled:
         tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         settings = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor) and v is not None}
         if not tensors:
@@ -177,12 +183,17 @@ class DisaggregatedModel:
 
     # -- execution --------------------------------------------------------------------------
     def __call__(self, **kwargs):
+        """Run the model on ``kwargs`` as HF would (missing optional inputs get HF's
+        defaults). Callers on several threads are served one call at a time: each call has
+        the workers to itself and gets its own exact answer."""
         check_inference(self.model, kwargs)
-        compiled = self.prepare(kwargs)
-        flat = flat_inputs(compiled.captured, kwargs)
-        n = flat[0].shape[1]
-        self._last_n = n
-        outs = self._run(compiled.programs, n, flat)
+        check_token_ids(kwargs, getattr(getattr(self.model, "config", None), "vocab_size", None))
+        with self._lock:
+            compiled = self.prepare(kwargs)
+            flat = flat_inputs(compiled.captured, kwargs)
+            n = flat[0].shape[1]
+            self._last_n = n
+            outs = self._run(compiled.programs, n, flat)
         if outs is None:          # torchrun: only rank 0 returns the outputs
             return None
         return pytree.tree_unflatten(outs, compiled.captured.out_spec)

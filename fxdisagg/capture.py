@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fxdisagg.errors import CaptureError, InferenceOnlyError, InputError
+from fxdisagg.errors import CaptureError, InferenceOnlyError, InputError, describe
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,39 @@ def _seq_symbol(gm: fx.GraphModule) -> sympy.Symbol:
     raise CaptureError("the capture did not keep the sequence dimension dynamic")
 
 
+def with_hf_defaults(names, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Optional token inputs the capture has but the call left out, filled as HF fills them:
+    ``attention_mask`` all ones, ``position_ids`` 0..N-1 per row, ``token_type_ids`` zeros."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return kwargs
+    b, n = ids.shape
+    defaults = {
+        "attention_mask": lambda: torch.ones_like(ids),
+        "position_ids": lambda: torch.arange(n, device=ids.device).expand(b, n),
+        "token_type_ids": lambda: torch.zeros_like(ids),
+    }
+    filled = {k: defaults[k]() for k in names if kwargs.get(k) is None and k in defaults}
+    return {**kwargs, **filled} if filled else kwargs
+
+
+def check_token_ids(kwargs: dict[str, Any], vocab_size: int | None) -> None:
+    """``input_ids`` as HF's embedding accepts them: integers in [0, vocab_size). Checked
+    before any worker runs, so a bad id is a typed error here, not an IndexError remotely."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(f"input_ids must hold integer token ids, got {describe(ids)}")
+    if vocab_size and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise InputError(f"input_ids hold ids in [{int(ids.min())}, {int(ids.max())}], outside the "
+                         f"vocabulary [0, {vocab_size}) of the model")
+
+
 def flat_inputs(cap: Captured, kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """Validate call kwargs against the capture and return them in placeholder order."""
     names = set(cap.input_names)
+    kwargs = with_hf_defaults(cap.input_names, kwargs)
     extra = [k for k, v in kwargs.items() if k not in names and k not in cap.constants and v is not None]
     missing = [k for k in cap.input_names if kwargs.get(k) is None]
     if extra or missing:

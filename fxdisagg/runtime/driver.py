@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import queue
+import threading
 import time
 
 import torch
@@ -39,6 +40,7 @@ class Driver(abc.ABC):
         self.traffic: dict[int, dict[str, int]] = {}
         self.failed = False
         self._keys: dict[int, tuple[int, object]] = {}
+        self._lock = threading.RLock()
 
     # -- what subclasses provide ---------------------------------------------------------------
     @abc.abstractmethod
@@ -66,6 +68,10 @@ class Driver(abc.ABC):
         return self.plans.get_or(n, lambda: Plan.build(n, c.alpha, c.beta, c.sharding))
 
     def run(self, programs, n: int, flat: list) -> list:
+        with self._lock:                 # one call at a time on the workers
+            return self._run(programs, n, flat)
+
+    def _run(self, programs, n: int, flat: list) -> list:
         if self.failed:
             raise WorkerError("the workers of this model failed earlier and were stopped")
         key = self._load(programs)
@@ -93,8 +99,9 @@ class Driver(abc.ABC):
     def call(self, rank: int, fn, *args):
         """Run ``fn(worker, *args)`` inside worker ``rank`` and return its result (``fn``
         must be importable by the worker: a module-level function)."""
-        self._post(rank, ("call", fn, args))
-        return self._await([rank], self.START_TIMEOUT)[rank][2]
+        with self._lock:
+            self._post(rank, ("call", fn, args))
+            return self._await([rank], self.START_TIMEOUT)[rank][2]
 
     def _load(self, programs) -> int:
         if id(programs) in self._keys:
