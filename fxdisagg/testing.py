@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -72,18 +73,22 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor, kw) -> float:
 
 # -- fault injection (tests only: the runtime's hot path knows nothing of it) -----------------
 class FaultyTransport:
-    """Wraps a worker's transport; fails when the worker starts an exchange of ``layer``:
-    raises, or (``kill``) SIGKILLs its own process while its peers wait in a collective."""
+    """Wraps a worker's transport; misbehaves when the worker starts an exchange of
+    ``layer``: raises, SIGKILLs its own process while its peers wait in a collective
+    (``kill``), or stalls ``delay`` seconds first and then goes on (``delay``)."""
 
-    def __init__(self, inner, layer: int, kill: bool):
-        self.inner, self.fault_layer, self.kill = inner, layer, kill
+    def __init__(self, inner, layer: int, kill: bool = False, delay: float | None = None):
+        self.inner, self.fault_layer, self.kill, self.delay = inner, layer, kill, delay
 
     def start(self, layer, phase, tensors):
         if layer == self.fault_layer:
             self.inner.layer = layer
-            if self.kill:
+            if self.delay is not None:
+                time.sleep(self.delay)
+            elif self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault at layer {layer} ({phase})")
+            else:
+                raise RuntimeError(f"injected fault at layer {layer} ({phase})")
         return self.inner.start(layer, phase, tensors)
 
     def __getattr__(self, name):
@@ -94,3 +99,9 @@ def inject_fault(worker, layer: int, kill: bool = False) -> None:
     """``dm.runtime.call(rank, inject_fault, layer)``: worker ``rank`` fails at ``layer``
     on every later call."""
     worker.transport = FaultyTransport(worker.transport, layer, kill)
+
+
+def inject_delay(worker, layer: int, seconds: float) -> None:
+    """``dm.runtime.call(rank, inject_delay, layer, seconds)``: worker ``rank`` stalls at
+    ``layer`` on every later call (a call long enough to interrupt)."""
+    worker.transport = FaultyTransport(worker.transport, layer, delay=seconds)

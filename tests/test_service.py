@@ -60,3 +60,40 @@ def test_ids_hf_rejects_are_refused_before_any_worker_runs(bad, match):
     with pytest.raises(InputError, match=match):
         dm(input_ids=bad(inputs("llama", 1, 9)["input_ids"]))
     assert dm.runtime is None, "no worker was started for a call that cannot run"
+
+
+INTERRUPT_SCRIPT = """
+import os, signal, threading, time
+import fxdisagg
+from fxdisagg.testing import inject_delay, inputs, reference, rel_error, tiny_model
+model = tiny_model("llama", layers=4, hidden=128)
+dm = fxdisagg.compile(model, 2, 2, example_inputs=inputs("llama", 1, 16), launch="{launch}", timeout=60)
+kw = inputs("llama", 1, 40)
+dm(**inputs("llama", 1, 9))                      # workers up
+dm.runtime.call(2, inject_delay, 1, 3.0)         # AttnNode (0, 0) stalls 3 s at layer 1
+threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    dm(**kw)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+print("error", rel_error(dm(**kw)[0], reference(model, kw), kw))
+dm.close()
+print("children", len([p for p in os.listdir("/proc") if p.isdigit() and
+      open(f"/proc/{{p}}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+      and b"resource_tracker" not in open(f"/proc/{{p}}/cmdline", "rb").read()]))
+"""
+
+
+@pytest.mark.parametrize("launch", ["inprocess", "spawn"])
+def test_ctrl_c_during_a_call_leaves_a_usable_model_and_no_process(launch, tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_SCRIPT.format(launch=launch))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.split("\n")
+    assert out[0] == "interrupted", proc.stdout
+    assert float(out[1].split()[1]) <= FP32_TOL
+    assert out[2] == "children 0", proc.stdout
