@@ -12,13 +12,20 @@ every input), then each input into buffers the other ranks preallocate from the 
 CompNodes send their frontier pieces to rank 0, which preallocates them from its own pieces
 and the Plan's token counts. At set-up every rank checks that all hold the same programs
 (a sha256 all-gathered as bytes) and refuses to run otherwise.
+
+Ranks fail together: a rank whose call raises writes (rank, layer, first line) to the
+process group's store under the call's number before raising; every rank waiting in a
+collective polls that key (and the call's ``timeout``) and raises a `WorkerError` naming the
+failed rank, role and layer, so the whole job exits non-zero within the call's timeout, not
+the process group's. A rank that dies without raising is not announced (its peers see the
+transport's own error or the timeout).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import traceback
+import time
 
 import torch
 import torch.distributed as dist
@@ -26,8 +33,8 @@ import torch.distributed as dist
 from fxdisagg.errors import ConfigError, WorkerError
 from fxdisagg.runtime.driver import active_comp_nodes, gather_frontier
 from fxdisagg.runtime.layout import COMP, RankLayout
-from fxdisagg.runtime.transport import CollectiveTransport
-from fxdisagg.runtime.worker import Worker, programs_digest, worker_error
+from fxdisagg.runtime.transport import CollectiveTransport, wait_watched
+from fxdisagg.runtime.worker import Worker, format_error, programs_digest, worker_error
 
 _DTYPES = (torch.int64, torch.int32, torch.bool, torch.float32, torch.float16, torch.bfloat16,
            torch.float64, torch.uint8)
@@ -62,7 +69,10 @@ class TorchrunRuntime:
                               f"needs {self.layout.world} ranks (alpha + beta**2), WORLD_SIZE is "
                               f"{dist.get_world_size()}")
         self.rank = dist.get_rank()
-        transport = CollectiveTransport(self.rank, self.layout.world, device=self.device)
+        self.store = dist.distributed_c10d._get_default_store()
+        self._call, self._deadline, self._seen_layer = 0, None, None
+        transport = CollectiveTransport(self.rank, self.layout.world, device=self.device,
+                                        watch=self._watch)
         self.worker = Worker(self.rank, self.layout, transport, strategy=config.sharding,
                              cache_size=config.cache_size)
         self._keys: dict[int, tuple[int, object]] = {}
@@ -70,20 +80,52 @@ class TorchrunRuntime:
 
     def run(self, programs, n: int, flat: list) -> list | None:
         key = self._load(programs)
+        self._call += 1
+        self._deadline, self._seen_layer = time.monotonic() + self.config.timeout, None
         flat = self._broadcast_inputs(flat)
         n = flat[0].shape[1]
         try:
             pieces = self.worker.run(key, n, flat)
+            self._sum_traffic(programs)
+            plan = self.worker.plan(n)
+            gathered = self._gather_frontier(plan, programs.frontier, pieces)
+        except WorkerError:
+            raise                                    # a peer's failure, seen by `_watch`
         except Exception as e:
-            raise worker_error(self.layout, self.rank, self.worker.transport.layer,
-                               traceback.format_exc()) from e
-        self._sum_traffic(programs)
-        plan = self.worker.plan(n)
-        gathered = self._gather_frontier(plan, programs.frontier, pieces)
+            layer = self.worker.transport.layer
+            self._announce(layer, e)
+            raise worker_error(self.layout, self.rank, layer, format_error(e)) from e
         if self.rank != 0:
             return None
         with torch.no_grad():
             return list(programs.epilogue(*gather_frontier(plan, programs.frontier, gathered)))
+
+    # -- failing together ------------------------------------------------------------------------
+    def _failure_key(self) -> str:
+        return f"fxdisagg/failed/{self._call}"
+
+    def _announce(self, layer, e: BaseException) -> None:
+        """Tell every peer, through the process group's store, that this rank failed."""
+        first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        try:
+            self.store.set(self._failure_key(), f"{self.rank}|{-1 if layer is None else layer}|{first}")
+        except Exception:  # noqa: BLE001 - the store may be gone with the job; the local error stands
+            pass
+
+    def _watch(self) -> None:
+        """While waiting in a collective: raise when a peer announced its failure, or when
+        this rank has entered no new layer for ``timeout`` seconds."""
+        if self.store.check([self._failure_key()]):
+            rank, layer, first = self.store.get(self._failure_key()).decode().split("|", 2)
+            raise worker_error(self.layout, int(rank), int(layer),
+                               f"{first}\n(seen by {self.layout.describe(self.rank)}, which stops too)")
+        layer = self.worker.transport.layer
+        if layer != self._seen_layer:             # progress: this rank entered a new layer
+            self._seen_layer, self._deadline = layer, time.monotonic() + self.config.timeout
+        elif time.monotonic() > self._deadline:
+            raise WorkerError(f"{self.layout.describe(self.rank)}: no progress for "
+                              f"{self.config.timeout:.0f} s (option timeout=) at layer {layer} "
+                              f"of call {self._call}")
 
     # -- set-up --------------------------------------------------------------------------------
     def _load(self, programs) -> int:
@@ -123,7 +165,7 @@ class TorchrunRuntime:
         for (layer, phase), nb in self.worker.transport.sent.items():
             sent[layers.index(layer), phase == "return"] += nb
         sent = sent.to(self.device)
-        dist.all_reduce(sent)
+        wait_watched(dist.all_reduce(sent, async_op=True), self._watch)
         self.traffic = {l: {"dispatch": int(d), "return": int(r)} for l, (d, r) in zip(layers, sent.tolist())}
 
     def _gather_frontier(self, plan, frontier, pieces) -> dict[int, tuple]:
@@ -134,7 +176,7 @@ class TorchrunRuntime:
         if self.rank != 0:
             if self.layout.role(self.rank)[0] == COMP and self.worker.index in active:
                 for k in token_local:
-                    dist.send(pieces[k].contiguous(), dst=0)
+                    wait_watched(dist.isend(pieces[k].contiguous(), dst=0), self._watch)
             return {}
         got = {0: pieces}
         for c in active[1:]:
@@ -143,7 +185,7 @@ class TorchrunRuntime:
                 shape = list(pieces[k].shape)
                 shape[frontier[k].dim] = len(plan.comp_tokens[c])
                 mine[k] = pieces[k].new_empty(shape)
-                dist.recv(mine[k], src=self.layout.comp_rank(c))
+                wait_watched(dist.irecv(mine[k], src=self.layout.comp_rank(c)), self._watch)
             got[c] = tuple(mine)
         return got
 

@@ -83,11 +83,15 @@ class Transport(abc.ABC):
 
 
 class CollectiveTransport(Transport):
-    """One asynchronous ``all_to_all_single`` per (layer, phase) on ``group``."""
+    """One asynchronous ``all_to_all_single`` per (layer, phase) on ``group``.
 
-    def __init__(self, rank: int, world: int, *, group=None, device=None, progress=None):
+    ``watch``: called while a collective is pending (every 50 ms); it raises to abandon the
+    wait, e.g. when a peer announced that it failed (torchrun: the ranks fail together)."""
+
+    def __init__(self, rank: int, world: int, *, group=None, device=None, progress=None,
+                 watch=None):
         super().__init__(rank, world, progress)
-        self.group, self.device = group, torch.device(device or "cpu")
+        self.group, self.device, self.watch = group, torch.device(device or "cpu"), watch
 
     def _post(self, ex: Exchange, buf, dsts, sizes):
         in_sizes = [0] * self.world
@@ -106,9 +110,24 @@ class CollectiveTransport(Transport):
 
     def _collect(self, ex: Exchange, token) -> list:
         work, out, out_sizes, srcs = token
-        work.wait()
+        wait_watched(work, self.watch)
         parts = out.split(out_sizes)
         return [parts[s] for s in srcs]
+
+
+def wait_watched(work, watch=None, every: float = 0.05) -> None:
+    """``work.wait()``, calling ``watch()`` every ``every`` seconds while it is pending
+    (polled at 0.5 ms: what a watched collective may add to its latency)."""
+    if watch is None:
+        work.wait()
+        return
+    next_check = time.monotonic() + every
+    while not work.is_completed():
+        time.sleep(0.0005)
+        if time.monotonic() >= next_check:
+            watch()
+            next_check = time.monotonic() + every
+    work.wait()                                   # re-raises the collective's own error
 
 
 class Aborted(Exception):
