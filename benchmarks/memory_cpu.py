@@ -47,14 +47,16 @@ def main() -> None:
         for k in range(args.calls):
             n, b = rng.randint(1, args.max_len), rng.choice(batches)
             dm(**inputs("llama", b, n, seed=k))
-            if k + 1 in (args.warmup, args.calls):
+            if k + 1 >= args.warmup and (k + 1 - args.warmup) % ((args.calls - args.warmup) // 3) == 0:
                 marks[k + 1] = [rss_mb(os.getpid())] + [rss_mb(p) for p in dm.runtime.pids]
-        first, last = marks[args.warmup], marks[args.calls]
+        first, last = marks[args.warmup], marks[max(marks)]
         print(f"{args.calls} calls, N in [1, {args.max_len}], batch in {batches}, "
-              f"{time.perf_counter() - t0:.0f} s; RSS (MB) after {args.warmup} calls -> after {args.calls}:")
+              f"{time.perf_counter() - t0:.0f} s; RSS (MB) after call " + " -> ".join(map(str, marks)))
         names = ["driver"] + [dm.runtime.layout.describe(r) for r in range(len(dm.runtime.pids))]
-        for name, a, z in zip(names, first, last):
-            print(f"  {name:24s} {a:8.1f} -> {z:8.1f}   {100 * (z - a) / a:+5.1f}%  (goal <= +5%)")
+        for i, name in enumerate(names):
+            trail = " -> ".join(f"{m[i]:6.1f}" for m in marks.values())
+            growth = 100 * (last[i] - first[i]) / first[i]
+            print(f"  {name:24s} {trail}   {growth:+5.1f}%  (goal <= +5%)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def main() -> None:
             out = dm(**kw)
             if out is not None:                      # rank 0
                 err = rel_error(out.logits, reference(model, kw), kw)
-                print(f"N={n} max rel error {err:.2e}", flush=True)
+                same = dm.traffic == dm.expected_traffic(n, batch=2)
+                print(f"N={n} max rel error {err:.2e}, traffic as the schedule predicts: {same}",
+                      flush=True)
 
 
 if __name__ == "__main__":

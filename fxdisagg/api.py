@@ -117,7 +117,7 @@ class DisaggregatedModel:
         compiled = Compiled(cap, programs, ctx.counts, tuple(ctx.warnings), dump_dir)
         if ctx.dumper:
             ctx.dumper.programs(gm, programs, ctx)
-            ctx.dumper.plan(self.plan_for(n_tokens), self._runtime_free_traffic(programs, n_tokens))
+            ctx.dumper.plan(self.plan_for(n_tokens), self._schedule_traffic(programs, n_tokens))
         return compiled
 
     def plan_for(self, n: int) -> Plan:
@@ -156,24 +156,22 @@ class DisaggregatedModel:
 
     def expected_traffic(self, n_tokens: int, batch: int = 1) -> dict[int, dict[str, int]]:
         """The bytes the schedule says a call of ``n_tokens`` tokens and ``batch`` rows moves:
-        the same structure as `traffic`, computed without running anything."""
-        compiled = self._capture_for_batch(batch)
-        return self._runtime_free_traffic(compiled.programs, n_tokens, batch)
-
-    def _capture_for_batch(self, batch: int) -> Compiled:
+        the same structure as `traffic`, computed without running anything. ``batch`` must
+        be one the model was compiled for (what travels per token depends on the capture:
+        HF's document ids are ``[N]`` at batch 1 and ``[B, N]`` above)."""
         for key, compiled in self._compiled.items():
             if key[0] == batch:
-                return compiled
-        latest = self._latest()
-        return dataclasses.replace(latest, programs=dataclasses.replace(
-            latest.programs, layers=tuple(lp.with_batch(batch) for lp in latest.programs.layers)))
+                return self._schedule_traffic(compiled.programs, n_tokens)
+        raise InputError(f"no capture for batch size {batch} (compiled: "
+                         f"{sorted({k[0] for k in self._compiled})}); call the model once with "
+                         f"that batch size or pass example_inputs of it")
 
-    def _runtime_free_traffic(self, programs, n_tokens: int, batch: int | None = None) -> dict:
+    def _schedule_traffic(self, programs, n_tokens: int) -> dict:
         from fxdisagg.runtime.layout import RankLayout
         from fxdisagg.schedule import Schedule
         c = self.config
-        layers = programs.layers if batch is None else tuple(lp.with_batch(batch) for lp in programs.layers)
-        return Schedule.build(self.plan_for(n_tokens), RankLayout(c.alpha, c.beta, c.tp), layers).traffic()
+        return Schedule.build(self.plan_for(n_tokens), RankLayout(c.alpha, c.beta, c.tp),
+                              programs.layers).traffic()
 
     @property
     def runtime(self):

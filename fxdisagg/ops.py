@@ -107,7 +107,8 @@ def _exchange_start_fake(send, layer, phase):
 def _exchange_wait_fake(handle, rows, layer, phase, pieces):
     from fxdisagg.schedule import decode_pieces
     specs = decode_pieces(pieces)
-    return [torch.empty(p.sized(rows[p.side].shape[0]), dtype=p.dtype, device=handle.device)
+    device = rows[0].device if rows else handle.device
+    return [torch.empty(p.sized(rows[p.side].shape[0]), dtype=p.dtype, device=device)
             for p in specs]
 
 

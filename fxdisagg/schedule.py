@@ -123,17 +123,6 @@ class LayerPieces:
     def dispatch(self) -> tuple[PieceSpec, ...]:
         return self.query + self.key
 
-    def with_batch(self, batch: int) -> "LayerPieces":
-        """The same layer for ``batch`` rows (pieces with a batch dim resized)."""
-        def resized(p: PieceSpec) -> PieceSpec:
-            if p.batch_dim is None:
-                return p
-            shape = list(p.shape)
-            shape[p.batch_dim] = batch
-            return dataclasses.replace(p, shape=tuple(shape))
-        return dataclasses.replace(self, query=tuple(map(resized, self.query)),
-                                   key=tuple(map(resized, self.key)), reply=tuple(map(resized, self.reply)))
-
     @property
     def stacked(self) -> tuple[PieceSpec, ...]:
         return tuple(dataclasses.replace(p, shape=(self.arity, *p.shape),
@@ -307,6 +296,9 @@ def _arrival(plan, c: int, shard: int) -> Tensor | None:
 
 def _return(plan, layout, layer: LayerPieces) -> Exchange:
     beta, routes, recv_rows = plan.beta, [], {}
+    if layer.arity != beta:
+        raise ValueError(f"layer {layer.layer} merges {layer.arity} partials but the Plan has "
+                         f"beta={beta} key shards; the programs and the Plan disagree")
     for c in _active(plan):
         n_c = len(plan.comp_tokens[c])
         recv_rows[layout.comp_rank(c)] = (n_c, n_c)

@@ -11,8 +11,9 @@ and the block DAG (stages and collectives) is checked for cycles with networkx.
 `propagate` re-runs fake-tensor propagation over a role program, descending into its
 stages, with the program's own symbols: the CompNode's local token count (``tokens``), the
 AttnNode's tile sizes (``q_tokens``, ``k_tokens``), the full length N for the prologue. It
-overwrites every node's ``meta["val"]``, so buffer sizes and token dims are read off true
-shapes, and it is also the test that every stage of every role program re-traces.
+overwrites every node's ``meta["val"]`` (what dumps print and later passes read) and is the
+check that every stage of every role program re-traces. The exchanged pieces' specs are
+read before it, off the partitioned graph's values, where the token dim is the symbol N.
 """
 
 from __future__ import annotations

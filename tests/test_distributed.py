@@ -218,6 +218,7 @@ def test_torchrun_llama_example():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     errs = [float(x) for x in re.findall(r"max rel error ([0-9.e+-]+)", proc.stdout)]
     assert len(errs) == len(LENGTHS), proc.stdout
+    assert proc.stdout.count("traffic as the schedule predicts: True") == len(LENGTHS), proc.stdout
     assert max(errs) <= FP32_TOL
 
 

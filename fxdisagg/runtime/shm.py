@@ -8,6 +8,9 @@ process group: which segment generation, where the receiver's bytes start and ho
 That header exchange is also the synchronisation: the receiver reads after the header
 arrived, i.e. after the sender finished packing.
 
+The invariant this rests on: a received view is dead before the next exchange of the same
+phase (the tile once the reply is packed; the partials once the merge or, at beta == 1, the
+O-projection of the next stage read them); no program returns or keeps one across calls.
 Why the segments can be reused without a lock: a rank packs into its segment of a phase
 again only after it has received the next phase from every peer that read it (the return
 of layer l arrives after the AttnNodes computed on the dispatch of layer l; the dispatch of
@@ -76,10 +79,12 @@ class SharedMemoryTransport(Transport):
 
     def _send_buffer(self, ex: Exchange) -> torch.Tensor:
         total = sum(r.nbytes(ex.send_pieces) for r in ex.sends(self.rank))
+        if total == 0:                 # nothing to send in this phase: no segment at all
+            return torch.empty(0, dtype=torch.uint8)
         return self._segment(ex.phase, total)[1][:total]
 
     def _post(self, ex: Exchange, buf, dsts, sizes):
-        gen = self._mine[ex.phase][0]
+        gen = self._mine.get(ex.phase, (0, None))[0]
         header = torch.zeros(self.world, 3, dtype=torch.int64)
         off = 0
         for d, s in zip(dsts, sizes):
@@ -97,6 +102,9 @@ class SharedMemoryTransport(Transport):
             if size != nbytes:
                 raise RuntimeError(f"rank {self.rank}: rank {src} announced {size} bytes for layer "
                                    f"{ex.layer} {ex.phase}, the schedule says {nbytes}")
+            if size == 0:                # an empty route: its sender may have no segment
+                chunks.append(torch.empty(0, dtype=torch.uint8))
+                continue
             chunks.append(self._their_segment(src, ex.phase, gen, off + size)[off:off + size])
         return chunks
 
@@ -104,6 +112,8 @@ class SharedMemoryTransport(Transport):
         key = (src, phase, gen)
         seg = self._theirs.get(key)
         if seg is None or seg.numel() < nbytes:
+            for old in [k for k in self._theirs if k[:2] == (src, phase)]:
+                del self._theirs[old]          # an older generation: its file is gone already
             path = segment_path(self.tag, src, phase, gen)
             seg = self._theirs[key] = _map(path, os.path.getsize(path), create=False)
         return seg

@@ -1,6 +1,8 @@
 """launch="torchrun": SPMD, this process is one rank of ``alpha + beta**2``.
 
-Every rank runs the same script, builds the same model and calls the DisaggregatedModel;
+Every rank runs the same script, builds the same model and calls the DisaggregatedModel
+with inputs of the same batch size and settings (each rank picks its capture from its own
+call; the programs' digest check refuses mismatches);
 each takes its role from its rank (`RankLayout`) and runs the shared `Worker` with a
 `CollectiveTransport` (NCCL on CUDA, device LOCAL_RANK; gloo on CPU). Rank 0 is CompNode 0
 *and* the driver: its inputs are authoritative and the call returns the outputs on rank 0
@@ -30,11 +32,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from fxdisagg.errors import ConfigError, WorkerError
+from fxdisagg.errors import ConfigError, InputError, WorkerError
 from fxdisagg.runtime.driver import active_comp_nodes, gather_frontier
 from fxdisagg.runtime.layout import COMP, RankLayout
 from fxdisagg.runtime.transport import CollectiveTransport, wait_watched
 from fxdisagg.runtime.worker import Worker, format_error, programs_digest, worker_error
+from fxdisagg.schedule import PHASES
 
 _DTYPES = (torch.int64, torch.int32, torch.bool, torch.float32, torch.float16, torch.bfloat16,
            torch.float64, torch.uint8)
@@ -141,13 +144,22 @@ class TorchrunRuntime:
     # -- inputs and outputs as tensors -----------------------------------------------------------
     def _broadcast_inputs(self, flat: list) -> list:
         header = torch.zeros(_HEADER, dtype=torch.int64)
+        problem = None
         if self.rank == 0:
             fields = [len(flat)]
             for t in flat:
-                fields += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
-            header[:len(fields)] = torch.tensor(fields)
+                if t.dtype not in _DTYPES:
+                    problem = f"an input of dtype {t.dtype} (fxdisagg sends {_DTYPES})"
+                fields += [_DTYPES.index(t.dtype) if t.dtype in _DTYPES else 0, t.dim(), *t.shape]
+            if len(fields) > _HEADER:
+                problem = f"{len(flat)} inputs of {len(fields)} header fields (at most {_HEADER})"
+            header[:min(len(fields), _HEADER)] = torch.tensor(fields[:_HEADER])
+            header[0] = -1 if problem else header[0]     # every rank must learn of it: no hang
         header = header.to(self.device)
         dist.broadcast(header, src=0)
+        if int(header[0]) < 0:
+            raise InputError(f"rank 0 was called with {problem or 'inputs it cannot send'}; "
+                             f"no rank ran the call")
         fields, k, out = header.tolist(), 1, []
         for idx in range(fields[0]):
             dtype, ndim = _DTYPES[fields[k]], fields[k + 1]
@@ -163,7 +175,7 @@ class TorchrunRuntime:
         layers = [lp.layer for lp in programs.layers]
         sent = torch.zeros(len(layers), 2, dtype=torch.int64)
         for (layer, phase), nb in self.worker.transport.sent.items():
-            sent[layers.index(layer), phase == "return"] += nb
+            sent[layers.index(layer), PHASES.index(phase)] += nb
         sent = sent.to(self.device)
         wait_watched(dist.all_reduce(sent, async_op=True), self._watch)
         self.traffic = {l: {"dispatch": int(d), "return": int(r)} for l, (d, r) in zip(layers, sent.tolist())}
