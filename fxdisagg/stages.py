@@ -133,9 +133,10 @@ class _Propagator(fx.Interpreter):
 
     Memoised per stage: a stage whose graph has the same structure as one already
     propagated (same ops, same wiring, same weight shapes) and that gets inputs of the same
-    metadata has the same values, so they are shared instead of recomputed. The middle
-    stages of a transformer are all alike: a 32-layer model propagates 3 distinct stages,
-    not 33 (fake propagation with symbolic shapes costs ~0.5 ms a node)."""
+    metadata has the same values, so they are shared instead of recomputed. A stage whose
+    sizes depend on data (unbacked symbols: nonzero, MoE routing) is always propagated.
+    The middle stages of a transformer are all alike: a 32-layer model propagates 3
+    distinct stages, not 33 (fake propagation with symbolic shapes costs ~0.5 ms a node)."""
 
     def __init__(self, module, mode: FakeTensorMode, memo: dict | None = None):
         super().__init__(module)
@@ -158,9 +159,12 @@ class _Propagator(fx.Interpreter):
                 if "val" in t.meta:
                     n.meta[VAL] = t.meta[VAL]
             return twin.graph.output_node().meta["fxdisagg.outputs"]
+        env = self.mode.shape_env
+        unbacked = env.unbacked_symint_counter
         out = _Propagator(sub, self.mode, self.memo).run(*args, **kwargs)
-        sub.graph.output_node().meta["fxdisagg.outputs"] = out
-        self.memo[key] = sub
+        if env.unbacked_symint_counter == unbacked:   # data-dependent sizes are never shared
+            sub.graph.output_node().meta["fxdisagg.outputs"] = out
+            self.memo[key] = sub
         return out
 
 
