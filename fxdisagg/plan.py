@@ -105,6 +105,10 @@ class Plan:
         """CompNode of every token, int64 ``[N]``."""
         return assign(self.n_tokens, self.alpha, self.strategy, chunk=self.beta)
 
+    def active_comp_nodes(self) -> list[int]:
+        """CompNodes that own at least one token (all but some when N < alpha * beta)."""
+        return [c for c, toks in enumerate(self.comp_tokens) if len(toks) > 0]
+
     def local_rows(self, c: int, i: int) -> torch.Tensor:
         """Rows of CompNode c's local tensors (indices into comp_tokens[c]) in shard i."""
         return self._local_rows[c][i]

@@ -275,7 +275,7 @@ def _dispatch(plan, layout, layer: LayerPieces) -> Exchange:
         for j in range(beta):
             dst = layout.attn_rank(i, j)
             recv_rows[dst] = (sizes[i], sizes[j])
-    for c in _active(plan):
+    for c in plan.active_comp_nodes():
         n_c = len(plan.comp_tokens[c])
         for i in range(beta):
             for j in range(beta):
@@ -299,7 +299,7 @@ def _return(plan, layout, layer: LayerPieces) -> Exchange:
     if layer.arity != beta:
         raise ValueError(f"layer {layer.layer} merges {layer.arity} partials but the Plan has "
                          f"beta={beta} key shards; the programs and the Plan disagree")
-    for c in _active(plan):
+    for c in plan.active_comp_nodes():
         n_c = len(plan.comp_tokens[c])
         recv_rows[layout.comp_rank(c)] = (n_c, n_c)
         for i in range(beta):
@@ -310,11 +310,6 @@ def _return(plan, layout, layer: LayerPieces) -> Exchange:
                                     (_all_or(rows, len(plan.shard_tokens[i])), None),
                                     (where, None), slot=j))
     return Exchange(layer.layer, RETURN, layer.reply, layer.stacked, tuple(routes), recv_rows, beta)
-
-
-def _active(plan) -> list[int]:
-    """CompNodes that own at least one token; only they take part in an exchange."""
-    return [c for c, toks in enumerate(plan.comp_tokens) if len(toks) > 0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -91,7 +91,7 @@ class Driver(abc.ABC):
             for (layer, phase), nb in msg[3].items():
                 self.traffic.setdefault(layer, {"dispatch": 0, "return": 0})[phase] += nb
         plan = self.plan(n)
-        pieces = {c: done[self.layout.comp_rank(c)][2] for c in active_comp_nodes(plan)}
+        pieces = {c: done[self.layout.comp_rank(c)][2] for c in plan.active_comp_nodes()}
         frontier = gather_frontier(plan, programs.frontier, pieces)
         with torch.no_grad():
             return list(programs.epilogue(*frontier))
@@ -157,14 +157,9 @@ class Driver(abc.ABC):
         self._stop()
 
 
-def active_comp_nodes(plan: Plan) -> list[int]:
-    """CompNodes that own at least one token."""
-    return [c for c, toks in enumerate(plan.comp_tokens) if len(toks) > 0]
-
-
 def gather_frontier(plan: Plan, frontier, pieces: dict[int, tuple]) -> list:
     """Full-length frontier values from the active CompNodes' local pieces."""
-    active = active_comp_nodes(plan)
+    active = plan.active_comp_nodes()
     values = []
     for k, fv in enumerate(frontier):
         first = pieces[active[0]][k]

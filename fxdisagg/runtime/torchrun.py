@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from fxdisagg.errors import ConfigError, InputError, WorkerError
-from fxdisagg.runtime.driver import active_comp_nodes, gather_frontier
+from fxdisagg.runtime.driver import gather_frontier
 from fxdisagg.runtime.layout import COMP, RankLayout
 from fxdisagg.runtime.transport import CollectiveTransport, wait_watched
 from fxdisagg.runtime.worker import Worker, format_error, programs_digest, worker_error
@@ -183,7 +183,7 @@ class TorchrunRuntime:
     def _gather_frontier(self, plan, frontier, pieces) -> dict[int, tuple]:
         """Rank 0 receives every active CompNode's token-local pieces into buffers sized
         from its own pieces and the Plan; replicated values are rank 0's own."""
-        active = active_comp_nodes(plan)
+        active = plan.active_comp_nodes()
         token_local = [k for k, fv in enumerate(frontier) if fv.dim is not None]
         if self.rank != 0:
             if self.layout.role(self.rank)[0] == COMP and self.worker.index in active:
