@@ -201,7 +201,7 @@ class DisaggregatedModel:
         if self._runtime is None:
             self._runtime = make_runtime(self.config, _device(self.model))
         try:
-            return self._runtime.run(programs, n, flat)
+            return self._runtime.run(programs, self.plan_for(n), flat)
         except BaseException:
             if self.config.launch != "torchrun":   # failed or interrupted: its workers can not
                 self.close()                       # serve another call; the next starts fresh

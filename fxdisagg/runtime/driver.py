@@ -25,7 +25,7 @@ import torch
 from fxdisagg.errors import WorkerError
 from fxdisagg.plan import Plan
 from fxdisagg.runtime.layout import COMP, RankLayout
-from fxdisagg.runtime.worker import LRU, worker_error
+from fxdisagg.runtime.worker import worker_error
 
 
 class Driver(abc.ABC):
@@ -36,7 +36,6 @@ class Driver(abc.ABC):
         self.layout = RankLayout(config.alpha, config.beta, config.tp)
         self.timeout = float(config.timeout)
         self.progress = torch.full((self.layout.world,), -1, dtype=torch.int64)
-        self.plans = LRU(config.cache_size)
         self.traffic: dict[int, dict[str, int]] = {}
         self.failed = False
         self._keys: dict[int, tuple[int, object]] = {}
@@ -63,22 +62,20 @@ class Driver(abc.ABC):
         """Stop every worker; safe to call twice."""
 
     # -- calls ---------------------------------------------------------------------------------
-    def plan(self, n: int) -> Plan:
-        c = self.config
-        return self.plans.get_or(n, lambda: Plan.build(n, c.alpha, c.beta, c.sharding))
-
-    def run(self, programs, n: int, flat: list) -> list:
+    def run(self, programs, plan: Plan, flat: list) -> list:
+        """One call: ``plan`` is the model's (cached there); workers build their own from
+        its length, in their own bounded caches."""
         with self._lock:                 # one call at a time on the workers
-            return self._run(programs, n, flat)
+            return self._run(programs, plan, flat)
 
-    def _run(self, programs, n: int, flat: list) -> list:
+    def _run(self, programs, plan: Plan, flat: list) -> list:
         if self.failed:
             raise WorkerError("the workers of this model failed earlier and were stopped")
         key = self._load(programs)
         self.progress.fill_(-1)
         for r in range(self.layout.world):
             comp = self.layout.role(r)[0] == COMP
-            self._post(r, ("run", key, n, flat if comp else None))
+            self._post(r, ("run", key, plan.n_tokens, flat if comp else None))
         try:
             done = self._await(range(self.layout.world), self.timeout)
         except BaseException:
@@ -90,7 +87,6 @@ class Driver(abc.ABC):
         for msg in done.values():
             for (layer, phase), nb in msg[3].items():
                 self.traffic.setdefault(layer, {"dispatch": 0, "return": 0})[phase] += nb
-        plan = self.plan(n)
         pieces = {c: done[self.layout.comp_rank(c)][2] for c in plan.active_comp_nodes()}
         frontier = gather_frontier(plan, programs.frontier, pieces)
         with torch.no_grad():

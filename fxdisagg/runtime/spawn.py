@@ -156,10 +156,10 @@ class SpawnRuntime(Driver):
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def run(self, programs, n, flat):
+    def run(self, programs, plan, flat):
         if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in flat):
             raise ConfigError("launch='spawn' runs on CPU; run CUDA models under torchrun")
-        return super().run(programs, n, flat)
+        return super().run(programs, plan, flat)
 
     def _blob(self, program):
         program.share_memory()                   # weights travel by handle, not by copy

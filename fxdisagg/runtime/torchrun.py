@@ -81,7 +81,8 @@ class TorchrunRuntime:
         self._keys: dict[int, tuple[int, object]] = {}
         self.traffic: dict[int, dict[str, int]] = {}
 
-    def run(self, programs, n: int, flat: list) -> list | None:
+    def run(self, programs, plan, flat: list) -> list | None:
+        """One SPMD call; the length is rank 0's (``plan`` is this rank's own view)."""
         key = self._load(programs)
         self._call += 1
         self._deadline, self._seen_layer = time.monotonic() + self.config.timeout, None
