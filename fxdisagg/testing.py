@@ -75,7 +75,8 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor, kw) -> float:
 class FaultyTransport:
     """Wraps a worker's transport; misbehaves when the worker starts an exchange of
     ``layer``: raises, SIGKILLs its own process while its peers wait in a collective
-    (``kill``), or stalls ``delay`` seconds first and then goes on (``delay``)."""
+    (``kill``), or stalls ``delay`` seconds first and then goes on (``delay``). A CompNode
+    without tokens takes part through ``idle()``, which is not wrapped: it never faults."""
 
     def __init__(self, inner, layer: int, kill: bool = False, delay: float | None = None):
         self.inner, self.fault_layer, self.kill, self.delay = inner, layer, kill, delay
