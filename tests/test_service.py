@@ -99,7 +99,7 @@ def test_ctrl_c_during_a_call_leaves_a_usable_model_and_no_process(launch, tmp_p
     assert out[2] == "children 0", proc.stdout
 
 
-def test_torchrun_ranks_fail_together_naming_the_failed_rank():
+def test_torchrun_ranks_fail_together_naming_the_failed_rank(tmp_path):
     """A rank that raises makes every rank raise within the call, not the process group's
     timeout (60 s here), and the job exits non-zero."""
     import os
@@ -111,10 +111,14 @@ def test_torchrun_ranks_fail_together_naming_the_failed_rank():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=5",
            str(root / "tests" / "torchrun_fail_together.py")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "FXDISAGG_REPORT_DIR": str(tmp_path)})
     assert proc.returncode != 0, proc.stdout[-2000:]
-    lines = re.findall(r"rank (\d) raised after ([0-9.]+) s: (.*)", proc.stdout)
-    assert sorted(int(r) for r, _, _ in lines) == [0, 1, 2, 3, 4], proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rank, seconds, first in lines:
+    reports = {int(p.name[4:]): p.read_text() for p in tmp_path.glob("rank*")}
+    assert sorted(reports) == [0, 1, 2, 3, 4], proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank, text in reports.items():
+        raised = re.fullmatch(r"raised after ([0-9.]+) s: (.*)", text)
+        assert raised, f"rank {rank}: {text}"
+        seconds, first = raised.groups()
         assert "AttnNode (0, 1) (rank 2) failed at layer 1: RuntimeError: injected fault" in first, first
         assert float(seconds) < 20, f"rank {rank} took {seconds} s"

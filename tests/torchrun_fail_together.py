@@ -10,6 +10,14 @@ from fxdisagg.testing import inject_fault, inputs, tiny_model
 
 FAILING_RANK = 2                                   # AttnNode (0, 1) at alpha=1, beta=2
 
+
+def report(line: str) -> None:
+    """One file per rank: lines printed by five processes to one pipe can interleave."""
+    rank = os.environ["RANK"]
+    with open(os.path.join(os.environ["FXDISAGG_REPORT_DIR"], f"rank{rank}"), "w") as f:
+        f.write(line)
+
+
 model = tiny_model("llama")
 dm = fxdisagg.compile(model, 1, 2, timeout=60)
 kw = inputs("llama", 2, 7)
@@ -20,8 +28,7 @@ t0 = time.monotonic()
 try:
     dm(**kw)
 except fxdisagg.WorkerError as e:
-    print(f"rank {os.environ['RANK']} raised after {time.monotonic() - t0:.1f} s: "
-          f"{str(e).splitlines()[0]}", flush=True)
+    report(f"raised after {time.monotonic() - t0:.1f} s: {str(e).splitlines()[0]}")
     time.sleep(3)         # torchrun's agent stops the other ranks once one exits: let all report
     sys.exit(3)
-print(f"rank {os.environ['RANK']} finished without error", flush=True)
+report("finished without error")

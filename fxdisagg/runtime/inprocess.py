@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import weakref
 
 from fxdisagg.runtime.driver import Driver
@@ -36,7 +37,7 @@ class InProcessRuntime(Driver):
                         for w in self.workers]
         for t in self.threads:
             t.start()
-        self._finalizer = weakref.finalize(self, _stop, self.mail, self.inboxes)
+        self._finalizer = weakref.finalize(self, _stop, self.mail, self.inboxes, self.threads)
 
     def _post(self, rank, msg):
         self.inboxes[rank].put(msg)
@@ -51,8 +52,18 @@ class InProcessRuntime(Driver):
         self._finalizer()
 
 
-def _stop(mail: Mailboxes, inboxes) -> None:
-    """Abort exchanges in flight and end every worker thread's loop. Safe to call twice."""
+def _stop(mail: Mailboxes, inboxes, threads, grace: float = 10.0) -> None:
+    """Abort exchanges in flight, end every worker thread's loop and wait for it (at most
+    ``grace`` seconds in all). Safe to call twice; also runs at interpreter exit.
+
+    The wait matters at exit: a daemon thread still inside a torch op when the interpreter
+    finalises is ended by ``pthread_exit`` unwinding through C++ frames, which aborts the
+    whole process ("terminate called without an active exception").
+    """
     mail.abort.set()
     for q in inboxes:
         q.put(("close",))
+    deadline = time.monotonic() + grace
+    for t in threads:
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
