@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from fxdisagg.capture import Captured, capture, check_inference, check_token_ids, flat_inputs
+from fxdisagg.capture import (HF_DEFAULTS, Captured, capture, check_inference, check_token_ids,
+                              flat_inputs)
 from fxdisagg.config import Config
 from fxdisagg.errors import InputError
 from fxdisagg.passes.classify_masks import classify_masks
@@ -74,6 +75,8 @@ class DisaggregatedModel:
         self._last_n = None
         self._last_key = None
         self._runtime = None
+        self._epoch = 0                   # counts started runtimes: a KV cache lives in one
+        self._released_caches: list[int] = []
         self._lock = threading.RLock()
 
     alpha = property(lambda self: self.config.alpha)
@@ -82,8 +85,9 @@ class DisaggregatedModel:
 
     # -- compilation ------------------------------------------------------------------------
     def prepare(self, inputs: dict[str, Any]) -> Compiled:
-        """Capture and compile for the batch size and the non-tensor settings of ``inputs``
-        (``logits_to_keep=1``, ...), once each: every sequence length shares the capture."""
+        """Capture and compile for the batch size, the input names and the non-tensor
+        settings of ``inputs`` (``logits_to_keep=1``, ...), once each: every sequence length
+        shares the capture, and so do calls that leave out inputs HF fills by default."""
         with self._lock:
             return self._prepare(inputs)
 
@@ -95,14 +99,27 @@ class DisaggregatedModel:
         first = next(iter(tensors.values()))
         if first.dim() < 2 or first.shape[1] < 1:
             raise InputError(f"inputs need a [batch, seq >= 1] token dim, got shape {tuple(first.shape)}")
-        key = (first.shape[0], tuple(sorted((k, repr(v)) for k, v in settings.items()
-                                            if k != "use_cache")))
+        key = (first.shape[0], tuple(sorted(tensors)),
+               tuple(sorted((k, repr(v)) for k, v in settings.items() if k != "use_cache")))
+        key = self._compatible(key)
         if key not in self._compiled:
             self._compiled[key] = self._compile({**_capture_example(tensors), **settings},
                                                 first.shape[1], len(self._compiled))
         self._last_n = self._last_n or first.shape[1]
         self._last_key = key
         return self._compiled[key]
+
+    def _compatible(self, key: tuple) -> tuple:
+        """An existing capture's key that serves a call of ``key``: the same batch and
+        settings, inputs a superset of the call's whose extra ones HF fills by default
+        (`capture.with_hf_defaults`); else ``key`` itself (a new capture)."""
+        batch, names, settings = key
+        for have in self._compiled:
+            extra = set(have[1]) - set(names)
+            if have[0] == batch and have[2] == settings and set(names) <= set(have[1]) \
+                    and extra <= set(HF_DEFAULTS):
+                return have
+        return key
 
     def _compile(self, example, n_tokens: int, index: int) -> Compiled:
         cap = capture(self.model, example, max_len=self.max_len)
@@ -154,24 +171,28 @@ class DisaggregatedModel:
         transports (the in-process runtime counts what would cross a process boundary)."""
         return dict(self._runtime.traffic) if self._runtime is not None else {}
 
-    def expected_traffic(self, n_tokens: int, batch: int = 1) -> dict[int, dict[str, int]]:
-        """The bytes the schedule says a call of ``n_tokens`` tokens and ``batch`` rows moves:
-        the same structure as `traffic`, computed without running anything. ``batch`` must
-        be one the model was compiled for (what travels per token depends on the capture:
-        HF's document ids are ``[N]`` at batch 1 and ``[B, N]`` above)."""
+    def expected_traffic(self, n_tokens: int, batch: int = 1, past: int | None = None
+                         ) -> dict[int, dict[str, int]]:
+        """The bytes the schedule says a call of ``n_tokens`` tokens and ``batch`` rows moves
+        (``past``: a call that extends a KV cache holding that many tokens, e.g. a decode
+        step): the same structure as `traffic`, computed without running anything. ``batch``
+        must be one the model was compiled for (what travels per token depends on the
+        capture: HF's document ids are ``[N]`` at batch 1 and ``[B, N]`` above)."""
         for key, compiled in self._compiled.items():
             if key[0] == batch:
-                return self._schedule_traffic(compiled.programs, n_tokens)
+                return self._schedule_traffic(compiled.programs, n_tokens, past)
         raise InputError(f"no capture for batch size {batch} (compiled: "
                          f"{sorted({k[0] for k in self._compiled})}); call the model once with "
                          f"that batch size or pass example_inputs of it")
 
-    def _schedule_traffic(self, programs, n_tokens: int) -> dict:
+    def _schedule_traffic(self, programs, n_tokens: int, past: int | None = None) -> dict:
+        from fxdisagg.runtime.kvcache import EXTEND, CacheStep
         from fxdisagg.runtime.layout import RankLayout
         from fxdisagg.schedule import Schedule
         c = self.config
-        return Schedule.build(self.plan_for(n_tokens), RankLayout(c.alpha, c.beta, c.tp),
-                              programs.layers).traffic()
+        step = None if past is None else CacheStep(0, EXTEND, past)
+        return Schedule.build(self._plan_for_step(n_tokens, step),
+                              RankLayout(c.alpha, c.beta, c.tp), programs.layers).traffic()
 
     @property
     def runtime(self):
@@ -183,9 +204,16 @@ class DisaggregatedModel:
     def __call__(self, **kwargs):
         """Run the model on ``kwargs`` as HF would (missing optional inputs get HF's
         defaults). Callers on several threads are served one call at a time: each call has
-        the workers to itself and gets its own exact answer."""
+        the workers to itself and gets its own exact answer.
+
+        With ``cache=`` (a `DistributedCache` from `new_cache`) the call continues that
+        cache: ``input_ids`` are the new tokens; ``attention_mask`` may cover the cached
+        tokens too, as HF passes it."""
         check_inference(self.model, kwargs)
         check_token_ids(kwargs, getattr(getattr(self.model, "config", None), "vocab_size", None))
+        cache = kwargs.pop("cache", None)
+        if cache is not None:
+            return self._call_cached(cache, kwargs)
         with self._lock:
             compiled = self.prepare(kwargs)
             flat = flat_inputs(compiled.captured, kwargs)
@@ -196,12 +224,76 @@ class DisaggregatedModel:
             return None
         return pytree.tree_unflatten(outs, compiled.captured.out_spec)
 
-    def _run(self, programs, n, flat):
+    # -- KV cache and generation ----------------------------------------------------------------
+    @property
+    def max_cache_len(self) -> int:
+        return min(self.config.max_cache_len or self.max_len, self.max_len)
+
+    def new_cache(self, batch: int) -> "DistributedCache":
+        """An empty KV cache for ``batch`` sequences, held by this model's AttnNodes once
+        a call fills it (`__call__` with ``cache=``)."""
+        from fxdisagg.generation import DistributedCache
+        return DistributedCache(self, batch, self.max_cache_len)
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """HF's ``generate`` (same arguments: greedy, sampling, generation_config,
+        streamer, stopping criteria...) with the KV cache on the AttnNodes."""
+        from fxdisagg.generation import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    @property
+    def memory(self) -> dict[int, dict[str, int]]:
+        """Per rank, measured in its worker: ``params`` (parameter and buffer bytes of its
+        programs) and ``kv_cache`` (bytes of the KV caches it holds)."""
+        return self._runtime.memory() if self._runtime is not None else {}
+
+    def _call_cached(self, cache, kwargs):
+        from fxdisagg.generation import DistributedCache
+        from fxdisagg.runtime.kvcache import EXTEND, FILL, CacheStep
+        if not isinstance(cache, DistributedCache) or cache.owner() is not self:
+            raise InputError(f"cache={type(cache).__name__}: fxdisagg keeps the KV cache on its "
+                             f"AttnNodes; pass a cache from this model's new_cache() (or use "
+                             f"its generate())")
+        kwargs.pop("use_cache", None)
+        with self._lock:
+            past = cache.seq_length
+            new = _new_columns(kwargs, past)
+            ids = next(v for v in new.values() if isinstance(v, torch.Tensor))
+            b, n = ids.shape[0], ids.shape[1]
+            if b != cache.batch:
+                raise InputError(f"the cache holds {cache.batch} sequences, the call has {b}")
+            if past + n > cache.max_len:
+                raise InputError(f"{past} cached + {n} new tokens exceed the cache's max_len "
+                                 f"{cache.max_len} (option max_cache_len)")
+            if past and (self._runtime is None or cache.epoch != self._epoch):
+                raise InputError("the workers that held this cache were stopped (close() or a "
+                                 "failure); start again from the prompt with a new cache")
+            compiled = self.prepare(new)
+            flat = flat_inputs(compiled.captured, new, past)
+            drop, self._released_caches[:] = tuple(self._released_caches), []
+            step = CacheStep(cache.cache_id, EXTEND if past else FILL, past, drop)
+            outs = self._run(compiled.programs, n, flat, step)
+            cache.seq_length, cache.epoch = past + n, self._epoch
+        if outs is None:
+            return None
+        return pytree.tree_unflatten(outs, compiled.captured.out_spec)
+
+    def _plan_for_step(self, n, step):
+        from fxdisagg.plan import ExtendPlan
+        from fxdisagg.runtime.kvcache import EXTEND
+        if step is None or step.mode != EXTEND:
+            return self.plan_for(n)
+        c, offset = self.config, step.past % (self.config.beta ** 2)
+        return self._plans.get_or(("extend", offset, n), lambda: ExtendPlan.build(
+            offset, n, c.alpha, c.beta, c.sharding))
+
+    def _run(self, programs, n, flat, step=None):
         from fxdisagg.runtime import make_runtime
         if self._runtime is None:
             self._runtime = make_runtime(self.config, _device(self.model))
+            self._epoch += 1
         try:
-            return self._runtime.run(programs, self.plan_for(n), flat)
+            return self._runtime.run(programs, self._plan_for_step(n, step), flat, step)
         except BaseException:
             if self.config.launch != "torchrun":   # failed or interrupted: its workers can not
                 self.close()                       # serve another call; the next starts fresh
@@ -219,6 +311,23 @@ class DisaggregatedModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _new_columns(kwargs: dict, past: int) -> dict:
+    """The call's token inputs restricted to its new tokens: HF passes ``attention_mask``
+    (and sometimes ``position_ids``) over cached and new tokens alike."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise InputError("a call with a cache needs input_ids of shape [batch, new tokens]")
+    n, out = ids.shape[1], {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and k != "input_ids" and v.dim() >= 2 and v.shape[1] != n:
+            if v.shape[1] != past + n:
+                raise InputError(f"{k} has {v.shape[1]} tokens; with {past} cached and {n} new "
+                                 f"it must have {n} or {past + n}")
+            v = v[:, past:]
+        out[k] = v
+    return out
 
 
 def _device(model: torch.nn.Module) -> torch.device:

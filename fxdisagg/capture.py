@@ -121,16 +121,21 @@ def _seq_symbol(gm: fx.GraphModule) -> sympy.Symbol:
     raise CaptureError("the capture did not keep the sequence dimension dynamic")
 
 
-def with_hf_defaults(names, kwargs: dict[str, Any]) -> dict[str, Any]:
+#: optional token inputs HF fills when a call leaves them out (`with_hf_defaults`)
+HF_DEFAULTS = ("attention_mask", "position_ids", "token_type_ids")
+
+
+def with_hf_defaults(names, kwargs: dict[str, Any], past: int = 0) -> dict[str, Any]:
     """Optional token inputs the capture has but the call left out, filled as HF fills them:
-    ``attention_mask`` all ones, ``position_ids`` 0..N-1 per row, ``token_type_ids`` zeros."""
+    ``attention_mask`` all ones, ``position_ids`` past..past+N-1 per row (``past``: tokens
+    already in the KV cache), ``token_type_ids`` zeros."""
     ids = kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         return kwargs
     b, n = ids.shape
     defaults = {
         "attention_mask": lambda: torch.ones_like(ids),
-        "position_ids": lambda: torch.arange(n, device=ids.device).expand(b, n),
+        "position_ids": lambda: torch.arange(past, past + n, device=ids.device).expand(b, n),
         "token_type_ids": lambda: torch.zeros_like(ids),
     }
     filled = {k: defaults[k]() for k in names if kwargs.get(k) is None and k in defaults}
@@ -150,10 +155,11 @@ def check_token_ids(kwargs: dict[str, Any], vocab_size: int | None) -> None:
                          f"vocabulary [0, {vocab_size}) of the model")
 
 
-def flat_inputs(cap: Captured, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """Validate call kwargs against the capture and return them in placeholder order."""
+def flat_inputs(cap: Captured, kwargs: dict[str, Any], past: int = 0) -> list[torch.Tensor]:
+    """Validate call kwargs against the capture and return them in placeholder order
+    (``past``: tokens before these in a KV cache; the sequence is ``past + N`` long)."""
     names = set(cap.input_names)
-    kwargs = with_hf_defaults(cap.input_names, kwargs)
+    kwargs = with_hf_defaults(cap.input_names, kwargs, past)
     extra = [k for k, v in kwargs.items() if k not in names and k not in cap.constants and v is not None]
     missing = [k for k in cap.input_names if kwargs.get(k) is None]
     if extra or missing:
@@ -172,7 +178,7 @@ def flat_inputs(cap: Captured, kwargs: dict[str, Any]) -> list[torch.Tensor]:
             raise InputError(f"input {k!r} has {t.shape[1]} tokens but {cap.input_names[0]!r} has {n}")
         if t.requires_grad:
             raise InferenceOnlyError(f"input {k!r} requires grad; fxdisagg runs inference only for now")
-    if not 1 <= n <= cap.max_len:
-        raise InputError(f"sequence length {n} is outside the captured range [1, {cap.max_len}]; "
-                         f"recompile with max_len >= {n}")
+    if not 1 <= past + n <= cap.max_len:
+        raise InputError(f"sequence length {past + n} is outside the captured range "
+                         f"[1, {cap.max_len}]; recompile with max_len >= {past + n}")
     return flat

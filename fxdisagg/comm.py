@@ -26,15 +26,22 @@ def current():
     return t
 
 
+def cache():
+    """The KV-cache action bound to the calling worker for this call, or None (a call
+    without a cache: ``fxdisagg::kv_cache`` passes its inputs through)."""
+    return getattr(_local, "cache", None)
+
+
 @contextlib.contextmanager
-def bound(transport):
-    """Bind ``transport`` to the calling thread for the duration of the block."""
-    prev = getattr(_local, "transport", None)
-    _local.transport = transport
+def bound(transport, cache=None):
+    """Bind ``transport`` (and the call's KV-cache action, `fxdisagg.runtime.kvcache`) to
+    the calling thread for the duration of the block."""
+    prev = getattr(_local, "transport", None), getattr(_local, "cache", None)
+    _local.transport, _local.cache = transport, cache
     try:
         yield transport
     finally:
-        _local.transport = prev
+        _local.transport, _local.cache = prev
 
 
 def set_process_default(transport) -> None:

@@ -21,7 +21,8 @@ class Config:
     launch: runtime ("spawn", "torchrun", "inprocess"); kernel: attention backend ("" picks
     by device); max_len: largest sequence length of the capture (None: the model config's);
     timeout: seconds a worker may make no progress; dump_dir: where dumps go (None: off);
-    cache_size: per-length Plans and schedules kept, least recently used first out.
+    cache_size: per-length Plans and schedules kept, least recently used first out;
+    max_cache_len: most tokens (prompt and generated) one KV cache holds (None: max_len).
     """
 
     alpha: int = 1
@@ -34,6 +35,7 @@ class Config:
     timeout: float = 300.0
     dump_dir: str | None = None
     cache_size: int = 32
+    max_cache_len: int | None = None
 
     def __post_init__(self):
         validate_degrees(self.alpha, self.beta, self.tp)
@@ -46,8 +48,10 @@ class Config:
         for name in ("timeout", "cache_size"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
-            raise ConfigError(f"max_len must be an int >= 1, got {self.max_len!r}")
+        for name in ("max_len", "max_cache_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
 
     @property
     def world(self) -> int:
@@ -56,7 +60,7 @@ class Config:
     @staticmethod
     def of(alpha, beta, *, tp=1, sharding="r", launch=None, dump_dir=None, **options) -> "Config":
         """From `fxdisagg.compile`'s arguments; unknown options raise ConfigError."""
-        known = {"max_len", "kernel", "timeout", "cache_size"}
+        known = {"max_len", "kernel", "timeout", "cache_size", "max_cache_len"}
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"unknown options {sorted(unknown)}; known: {sorted(known)}")

@@ -51,6 +51,7 @@ OPS = types.SimpleNamespace(
     expsum_merge=torch.ops.fxdisagg.expsum_merge.default,
     exchange_start=torch.ops.fxdisagg.exchange_start.default,
     exchange_wait=torch.ops.fxdisagg.exchange_wait.default,
+    kv_cache=torch.ops.fxdisagg.kv_cache.default,
 )
 COMM_OPS = (OPS.exchange_start, OPS.exchange_wait)
 

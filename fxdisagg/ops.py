@@ -11,6 +11,9 @@
   real fake implementations (role programs re-trace), and calling them runs the transport
   bound to the current worker (`fxdisagg.comm`), which executes the exchange schedule.
 
+- ``kv_cache``: where an AttnNode's partial attention gets its keys: the tile (prefill) or
+  the AttnNode's KV cache (decode), by the call's cache action (`fxdisagg.runtime.kvcache`).
+
 The kernels' ops (``fxdisagg::partial_attention``, ``fxdisagg::expsum_merge``) are
 registered in `fxdisagg.kernels.ops`.
 """
@@ -85,6 +88,7 @@ def _(x, dim, shard, nshards, strategy):
 _lib = torch.library.Library("fxdisagg", "FRAGMENT")
 _lib.define("exchange_start(Tensor[] send, int layer, str phase) -> Tensor")
 _lib.define("exchange_wait(Tensor handle, Tensor[] rows, int layer, str phase, str pieces) -> Tensor[]")
+_lib.define("kv_cache(Tensor[] keys, Tensor q_pos, int layer, int? window, str pieces) -> Tensor[]")
 
 
 def exchange_start(send: list[Tensor], layer: int, phase: str) -> Tensor:
@@ -112,8 +116,33 @@ def _exchange_wait_fake(handle, rows, layer, phase, pieces):
             for p in specs]
 
 
+def kv_cache(keys: list[Tensor], q_pos: Tensor, layer: int, window: Optional[int],
+             pieces: str) -> list[Tensor]:
+    """An AttnNode's key-side tile (``pieces``: k, v, k_pos, ...) -> the keys its partial
+    attention reads. Without a cache (plain prefill) that is the tile; a call that fills a
+    cache also stores this AttnNode's share of it; a call that extends one appends the tile
+    to the cache (after evicting what a sliding ``window`` hides from ``q_pos`` on) and
+    returns the whole cache (`fxdisagg.runtime.kvcache.CacheAction`)."""
+    action = comm.cache()
+    if action is None:
+        return list(keys)
+    from fxdisagg.schedule import decode_pieces
+    specs = decode_pieces(pieces)
+    return action(layer, list(keys), q_pos, window, tuple(p.name for p in specs),
+                  tuple(p.token_dim for p in specs))
+
+
+def _kv_cache_fake(keys, q_pos, layer, window, pieces):
+    """The cached length is data (it grows per call): one new size shared by all pieces."""
+    from fxdisagg.schedule import decode_pieces
+    specs = decode_pieces(pieces)
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return [k.new_empty(p.sized(rows)) for k, p in zip(keys, specs)]
+
+
 for _name, _real, _fake in (("exchange_start", exchange_start, _exchange_start_fake),
-                            ("exchange_wait", exchange_wait, _exchange_wait_fake)):
+                            ("exchange_wait", exchange_wait, _exchange_wait_fake),
+                            ("kv_cache", kv_cache, _kv_cache_fake)):
     _lib.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fxdisagg::{_name}", _fake, lib=_lib)
     torch.library._register_effectful_op(f"fxdisagg::{_name}", torch._library.effects.EffectType.ORDERED)

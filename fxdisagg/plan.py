@@ -134,6 +134,14 @@ class Plan:
             for toks in self.shard_tokens
         )
 
+    def tile_tokens(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query rows, key rows) AttnNode (i, j) receives: shard i's and shard j's tokens."""
+        return self.shard_tokens[i], self.shard_tokens[j]
+
+    @property
+    def merge_arity(self) -> int:
+        return self.beta
+
     def arrival_order(self, i: int) -> torch.Tensor:
         """Permutation that sorts the concatenation (over CompNodes c = 0..alpha-1) of the
         shard-i pieces into ascending token order, so that every tile keeps sorted
@@ -219,6 +227,81 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def cache_owner(t: torch.Tensor, beta: int) -> torch.Tensor:
+    """The AttnNode ``a = i*beta + j`` that keeps token t in its KV cache: ``t % beta**2``.
+
+    Under R-sharding this is exactly what prefill leaves behind: AttnNode (i, j) holds key
+    shard j (``t % beta == j``) and keeps its i-th strided slice (rows ``i::beta``, so
+    ``(t // beta) % beta == i``). Appending later tokens by the same rule keeps every
+    AttnNode's cache within one token of the others, with no bookkeeping: every rank
+    computes the owner of a token from its index alone.
+    """
+    return t % (beta * beta)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExtendPlan:
+    """Placement for one step that appends ``n_tokens`` tokens to a KV cache: a decode step
+    (1 token) or a chunk of a chunked prefill. Indices here are *local*: 0..n-1 over the
+    new tokens; token t of the sequence is local ``t - past``.
+
+    comp_tokens[c]: local indices CompNode c computes (R-sharded as in `Plan`).
+    owners: ``[n]`` the AttnNode (``i*beta + j``) that caches each new token (`cache_owner`).
+    Every AttnNode attends every new query to its cache (split-KV), so a query's CompNode
+    merges beta**2 partials. Routing depends on ``past`` only through ``offset = past %
+    beta**2``: Plans are equal (and their schedules shared) across steps with equal
+    (offset, n_tokens, alpha, beta, strategy); a decode step has beta**2 distinct Plans.
+    """
+
+    offset: int
+    n_tokens: int
+    alpha: int
+    beta: int
+    strategy: str
+    comp_tokens: tuple[torch.Tensor, ...]
+    owners: torch.Tensor
+
+    @staticmethod
+    def build(past: int, n_tokens: int, alpha: int, beta: int, strategy: str = "r") -> "ExtendPlan":
+        validate_degrees(alpha, beta)
+        if n_tokens < 1:
+            raise ConfigError(f"a step appends at least one token, got {n_tokens}")
+        offset = past % (beta * beta)
+        comp = assign(n_tokens, alpha, strategy, chunk=beta)
+        owners = cache_owner(torch.arange(n_tokens) + offset, beta)
+        return ExtendPlan(offset, n_tokens, alpha, beta, strategy,
+                          tuple(torch.nonzero(comp == c).flatten() for c in range(alpha)), owners)
+
+    def _key(self) -> tuple:
+        return (self.offset, self.n_tokens, self.alpha, self.beta, self.strategy)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ExtendPlan) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(("extend", *self._key()))
+
+    @property
+    def merge_arity(self) -> int:
+        return self.beta * self.beta
+
+    def active_comp_nodes(self) -> list[int]:
+        return [c for c, toks in enumerate(self.comp_tokens) if len(toks) > 0]
+
+    def owned(self, a: int) -> torch.Tensor:
+        """Local indices of the new tokens AttnNode ``a`` appends to its cache (sorted)."""
+        return self._owned[a]
+
+    @functools.cached_property
+    def _owned(self):
+        return tuple(torch.nonzero(self.owners == a).flatten() for a in range(self.beta ** 2))
+
+    def tile_tokens(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query rows, key rows) AttnNode (i, j) receives: every new token's q, and the k
+        and v of the tokens it caches."""
+        return torch.arange(self.n_tokens), self.owned(i * self.beta + j)
 
 
 def _preview(toks: torch.Tensor, k: int = 8) -> str:

@@ -17,7 +17,15 @@ Phases of one layer (DESIGN.md, "lower"):
   to c's queries; c places them at its local rows of shard i, in slot j of the stacked
   partials ``[beta, B, H, n, Dv]`` the expsum-merge reads (merge arity beta).
 
-Decode steps and tensor-parallel head slices will be other `Exchange`s of the same type.
+Steps that extend a KV cache (decode, chunked prefill; `fxdisagg.plan.ExtendPlan`) are
+other exchanges of the same type, split-KV:
+
+- ``dispatch``: CompNode c -> every AttnNode: the query-side rows of all c's new tokens;
+  key-side rows only to the AttnNode that caches the token (`fxdisagg.plan.cache_owner`).
+- ``return``: every AttnNode -> CompNode c: the partials of c's queries over its cache, in
+  slot ``i*beta + j`` of ``[beta**2, B, H, n, Dv]`` (merge arity beta**2).
+
+Tensor-parallel head slices will be others still.
 """
 
 from __future__ import annotations
@@ -264,7 +272,12 @@ def _all_or(rows: Tensor, n: int) -> Tensor | None:
 
 
 def build_exchanges(plan, layout, layer: LayerPieces) -> dict[str, Exchange]:
-    """The two exchanges of ``layer`` for ``plan`` on ``layout`` (a `RankLayout`)."""
+    """The two exchanges of ``layer`` for ``plan`` (a prefill `Plan` or a cache-extending
+    `ExtendPlan`) on ``layout`` (a `RankLayout`)."""
+    from fxdisagg.plan import ExtendPlan
+    if isinstance(plan, ExtendPlan):
+        return {DISPATCH: _extend_dispatch(plan, layout, layer),
+                RETURN: _extend_return(plan, layout, layer)}
     return {DISPATCH: _dispatch(plan, layout, layer), RETURN: _return(plan, layout, layer)}
 
 
@@ -310,6 +323,41 @@ def _return(plan, layout, layer: LayerPieces) -> Exchange:
                                     (_all_or(rows, len(plan.shard_tokens[i])), None),
                                     (where, None), slot=j))
     return Exchange(layer.layer, RETURN, layer.reply, layer.stacked, tuple(routes), recv_rows, beta)
+
+
+def _extend_dispatch(plan, layout, layer: LayerPieces) -> Exchange:
+    """Split-KV: CompNode c sends the q-side rows of all its new tokens to every AttnNode
+    and the k-side rows of each token to the one AttnNode that caches it."""
+    n, routes, recv_rows = plan.n_tokens, [], {}
+    nodes = [divmod(a, plan.beta) for a in range(plan.beta ** 2)]
+    for a, (i, j) in enumerate(nodes):
+        recv_rows[layout.attn_rank(i, j)] = (n, len(plan.owned(a)))
+    for c in plan.active_comp_nodes():
+        toks = plan.comp_tokens[c]
+        for a, (i, j) in enumerate(nodes):
+            mine = torch.nonzero(plan.owners[toks] == a).flatten()
+            owned = plan.owned(a)
+            routes.append(Route(layout.comp_rank(c), layout.attn_rank(i, j), (len(toks), len(mine)),
+                                (None, _all_or(mine, len(toks))),
+                                (_all_or(toks, n),
+                                 _all_or(torch.searchsorted(owned, toks[mine]), len(owned)))))
+    return Exchange(layer.layer, DISPATCH, layer.dispatch, layer.dispatch, tuple(routes),
+                    recv_rows, 1)
+
+
+def _extend_return(plan, layout, layer: LayerPieces) -> Exchange:
+    """Every AttnNode returns each CompNode the partials of its queries, in slot ``a``:
+    the CompNode merges beta**2 partials (the stacked arity differs from prefill's beta)."""
+    n, routes, recv_rows = plan.n_tokens, [], {}
+    stacked = dataclasses.replace(layer, arity=plan.merge_arity).stacked
+    for c in plan.active_comp_nodes():
+        toks = plan.comp_tokens[c]
+        recv_rows[layout.comp_rank(c)] = (len(toks), len(toks))
+        for a in range(plan.beta ** 2):
+            routes.append(Route(layout.attn_rank(*divmod(a, plan.beta)), layout.comp_rank(c),
+                                (len(toks), 0), (_all_or(toks, n), None), (None, None), slot=a))
+    return Exchange(layer.layer, RETURN, layer.reply, stacked, tuple(routes), recv_rows,
+                    plan.merge_arity)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -106,3 +106,10 @@ def inject_delay(worker, layer: int, seconds: float) -> None:
     """``dm.runtime.call(rank, inject_delay, layer, seconds)``: worker ``rank`` stalls at
     ``layer`` on every later call (a call long enough to interrupt)."""
     worker.transport = FaultyTransport(worker.transport, layer, delay=seconds)
+
+
+def cache_rows(worker) -> dict[int, dict[int, tuple[int, int]]]:
+    """``dm.runtime.call(rank, cache_rows)``: per cache id and layer, (live rows, buffer
+    capacity) of the KV cache an AttnNode holds."""
+    return {cid: {layer: (len(c), c.capacity) for layer, c in layers.items()}
+            for cid, layers in worker.state.get("kv", {}).items()}

@@ -20,8 +20,14 @@ symbols (`fxdisagg.stages.propagate`):
   sequence length symbol becomes the local token count ``tokens.size(0)``.
 - **AttnNode program** ``(q_tokens, k_tokens) -> ()``, parameter-free, staged the same
   way: per layer ``exchange_wait`` (the tile: q-side rows of its query shard, k-side rows
-  of its key shard, sized by the placeholders) -> ``stage_l`` (``partial_attention``) ->
-  ``exchange_start`` of the reply. The same program runs on every AttnNode.
+  of its key shard, sized by the placeholders) -> ``kv_cache`` (the keys to attend: the
+  tile, or in a decode step this AttnNode's KV cache with the tile appended) ->
+  ``stage_l`` (``partial_attention``) -> ``exchange_start`` of the reply. The same program
+  runs on every AttnNode, for prefill and decode alike; only the schedule differs.
+- Prefill, chunked prefill and decode run the same CompNode program: a decode step passes
+  the full-length inputs (kept by the CompNode) and the global indices of the new tokens
+  as ``tokens``; its return delivers beta**2 partials instead of beta (the merge reads any
+  arity; the stacked size in the op's text is prefill's, used only by fake propagation).
 - **epilogue program** ``(*frontier gathered over all tokens) -> flat outputs``.
 
 ``RolePrograms.layers`` holds one `LayerPieces` per attention: the routing facts the
@@ -240,6 +246,7 @@ def _attn_program(partials, layers: tuple[LayerPieces, ...]) -> fx.GraphModule:
                          name=f"tile_{l}", **comm)
         t = {p.name: make_node(g, operator.getitem, (tile, k), name=f"{p.name}_{l}", **comm)
              for k, p in enumerate(lp.dispatch)}
+        t.update(_cached_keys(g, t, lp, a["window"], comm))
         args = schema_args(OPS.partial_attention, **{k: t[k] for k in t},
                            **{k: a[k] for k in ("scale", "causal", "window", "backend")})
         p = make_node(g, OPS.partial_attention, args, name=f"partial_attention_{l}", **work)
@@ -249,6 +256,17 @@ def _attn_program(partials, layers: tuple[LayerPieces, ...]) -> fx.GraphModule:
         make_node(g, OPS.exchange_wait, (h, [], l, RETURN, ""), name=f"return_wait_{l}", **comm)
     g.output(())
     return split_stages(g, torch.nn.Module(), class_name="AttnNodeProgram")
+
+
+def _cached_keys(g: fx.Graph, tile: dict, lp: LayerPieces, window, comm: dict) -> dict:
+    """The keys layer l's partial attention reads: ``fxdisagg::kv_cache`` of the tile's key
+    side (the tile itself, or this AttnNode's KV cache in a decode step)."""
+    l = lp.layer
+    cached = make_node(g, OPS.kv_cache, ([tile[p.name] for p in lp.key], tile["q_pos"], l,
+                                         window, encode_pieces(lp.key)),
+                       name=f"cached_keys_{l}", **comm)
+    return {p.name: make_node(g, operator.getitem, (cached, k), name=f"cached_{p.name}_{l}", **comm)
+            for k, p in enumerate(lp.key)}
 
 
 # -- epilogue ------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ def test_inputs_outside_the_capture(llama):
                           max_len=32)
     with pytest.raises(InputError, match="outside the captured range"):
         dm(**inputs("llama", 1, 33))
-    with pytest.raises(InputError, match="compiled for inputs"):
-        dm(**inputs("llama", 1, 8, padding=True))
+    with pytest.raises(InputError, match="not token-indexed inputs"):
+        dm(**inputs("llama", 1, 8), labels=torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(InputError, match="differs from the captured"):
         dm(**inputs("llama", 1, 8), use_cache=True)
 

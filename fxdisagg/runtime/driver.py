@@ -62,20 +62,21 @@ class Driver(abc.ABC):
         """Stop every worker; safe to call twice."""
 
     # -- calls ---------------------------------------------------------------------------------
-    def run(self, programs, plan: Plan, flat: list) -> list:
+    def run(self, programs, plan: Plan, flat: list, step=None) -> list:
         """One call: ``plan`` is the model's (cached there); workers build their own from
-        its length, in their own bounded caches."""
+        its length (and the `CacheStep`, if the call uses a KV cache), in their own bounded
+        caches."""
         with self._lock:                 # one call at a time on the workers
-            return self._run(programs, plan, flat)
+            return self._run(programs, plan, flat, step)
 
-    def _run(self, programs, plan: Plan, flat: list) -> list:
+    def _run(self, programs, plan: Plan, flat: list, step) -> list:
         if self.failed:
             raise WorkerError("the workers of this model failed earlier and were stopped")
         key = self._load(programs)
         self.progress.fill_(-1)
         for r in range(self.layout.world):
             comp = self.layout.role(r)[0] == COMP
-            self._post(r, ("run", key, plan.n_tokens, flat if comp else None))
+            self._post(r, ("run", key, plan.n_tokens, flat if comp else None, step))
         try:
             done = self._await(range(self.layout.world), self.timeout)
         except BaseException:
@@ -91,6 +92,10 @@ class Driver(abc.ABC):
         frontier = gather_frontier(plan, programs.frontier, pieces)
         with torch.no_grad():
             return list(programs.epilogue(*frontier))
+
+    def memory(self) -> dict[int, dict[str, int]]:
+        """Per rank: the bytes its worker holds (`Worker.memory`), measured there."""
+        return {r: self.call(r, _worker_memory) for r in range(self.layout.world)}
 
     def call(self, rank: int, fn, *args):
         """Run ``fn(worker, *args)`` inside worker ``rank`` and return its result (``fn``
@@ -151,6 +156,10 @@ class Driver(abc.ABC):
 
     def close(self) -> None:
         self._stop()
+
+
+def _worker_memory(worker) -> dict[str, int]:
+    return worker.memory()
 
 
 def gather_frontier(plan: Plan, frontier, pieces: dict[int, tuple]) -> list:

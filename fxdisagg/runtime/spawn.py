@@ -156,10 +156,10 @@ class SpawnRuntime(Driver):
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def run(self, programs, plan, flat):
+    def run(self, programs, plan, flat, step=None):
         if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in flat):
             raise ConfigError("launch='spawn' runs on CPU; run CUDA models under torchrun")
-        return super().run(programs, plan, flat)
+        return super().run(programs, plan, flat, step)
 
     def _blob(self, program):
         program.share_memory()                   # weights travel by handle, not by copy

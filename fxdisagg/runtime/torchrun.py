@@ -81,17 +81,18 @@ class TorchrunRuntime:
         self._keys: dict[int, tuple[int, object]] = {}
         self.traffic: dict[int, dict[str, int]] = {}
 
-    def run(self, programs, plan, flat: list) -> list | None:
-        """One SPMD call; the length is rank 0's (``plan`` is this rank's own view)."""
+    def run(self, programs, plan, flat: list, step=None) -> list | None:
+        """One SPMD call; the length is rank 0's (``plan`` is this rank's own view). Every
+        rank passes the same `CacheStep` (SPMD: caches are created in the same order)."""
         key = self._load(programs)
         self._call += 1
         self._deadline, self._seen_layer = time.monotonic() + self.config.timeout, None
         flat = self._broadcast_inputs(flat)
         n = flat[0].shape[1]
         try:
-            pieces = self.worker.run(key, n, flat)
+            pieces = self.worker.run(key, n, flat, step)
             self._sum_traffic(programs)
-            plan = self.worker.plan(n)
+            plan = self.worker.plan(n, step)
             gathered = self._gather_frontier(plan, programs.frontier, pieces)
         except WorkerError:
             raise                                    # a peer's failure, seen by `_watch`
@@ -201,6 +202,10 @@ class TorchrunRuntime:
                 wait_watched(dist.irecv(mine[k], src=self.layout.comp_rank(c)), self._watch)
             got[c] = tuple(mine)
         return got
+
+    def memory(self) -> dict[int, dict[str, int]]:
+        """This rank's bytes (`Worker.memory`); SPMD: each rank reports its own."""
+        return {self.rank: self.worker.memory()}
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

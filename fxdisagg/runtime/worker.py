@@ -1,11 +1,13 @@
 """The worker: one rank's persistent loop, shared by every runtime.
 
 A `Worker` owns its rank's role, its transport, the programs it was given (one per
-capture, by key), bounded caches of per-length Plans and schedules, and ``state``: a dict
-that persists across calls (where an AttnNode will keep its KV cache). Its commands:
+capture, by key), bounded caches of per-length Plans and schedules, and ``state``: what
+persists across calls, per cache id (an AttnNode's KV caches, a CompNode's input
+histories: `fxdisagg.runtime.kvcache`). Its commands:
 
     ("load", key, ProgramBlob, layers)          -> ("ok", rank)
-    ("run", key, n_tokens, flat inputs | None)  -> ("done", rank, frontier pieces | None, bytes sent)
+    ("run", key, n_tokens, flat inputs | None, CacheStep | None)
+                                                -> ("done", rank, frontier pieces | None, bytes sent)
     ("call", fn, args)                          -> ("result", rank, fn(worker, *args))
     ("close",)
 
@@ -26,7 +28,8 @@ import torch
 
 from fxdisagg import comm
 from fxdisagg.errors import WorkerError
-from fxdisagg.plan import Plan
+from fxdisagg.plan import ExtendPlan, Plan
+from fxdisagg.runtime.kvcache import EXTEND, FILL, CacheAction, CacheStep, InputHistory
 from fxdisagg.runtime.layout import ATTN, RankLayout
 from fxdisagg.schedule import Schedule
 
@@ -62,31 +65,83 @@ class Worker:
     def load(self, key: int, program, layers) -> None:
         self.programs[key] = (program, tuple(layers))
 
-    def plan(self, n: int) -> Plan:
+    def plan(self, n: int, step: CacheStep | None = None) -> Plan | ExtendPlan:
+        """The Plan of a call of n tokens: a prefill's, or the step's that extends a cache."""
         a = self.layout
+        if step is not None and step.mode == EXTEND:
+            offset = step.past % (a.beta * a.beta)
+            return self.plans.get_or(("extend", offset, n), lambda: ExtendPlan.build(
+                offset, n, a.alpha, a.beta, self.strategy))
         return self.plans.get_or(n, lambda: Plan.build(n, a.alpha, a.beta, self.strategy))
 
-    def schedule(self, key: int, n: int) -> Schedule:
+    def schedule(self, key: int, plan) -> Schedule:
         layers = self.programs[key][1]
-        return self.schedules.get_or((key, n), lambda: Schedule.build(self.plan(n), self.layout, layers))
+        return self.schedules.get_or((key, plan), lambda: Schedule.build(plan, self.layout, layers))
 
-    def run(self, key: int, n: int, flat) -> tuple | None:
-        """One call of this rank's program; a CompNode returns its frontier pieces."""
+    def run(self, key: int, n: int, flat, step: CacheStep | None = None) -> tuple | None:
+        """One call of this rank's program; a CompNode returns its frontier pieces. With a
+        `CacheStep` an AttnNode fills or extends its KV cache and a CompNode computes the
+        new tokens from its input history."""
         program = self.programs[key][0]
-        schedule = self.schedule(key, n)
-        plan = schedule.plan
+        if step is not None:
+            self.drop(step.drop)
+        plan = self.plan(n, step)
+        schedule = self.schedule(key, plan)
         self.transport.begin(schedule)
+        if self.role == ATTN:
+            return self._run_attn(program, plan, step)
+        tokens = plan.comp_tokens[self.index]
+        if step is not None:
+            flat = self._history(step, flat)
+            tokens = tokens + (step.past if step.mode == EXTEND else 0)
         with comm.bound(self.transport), torch.no_grad():
-            if self.role == ATTN:
-                i, j = self.index
-                dev = getattr(self.transport, "device", None) or torch.device("cpu")
-                program(plan.shard_tokens[i].to(dev), plan.shard_tokens[j].to(dev))
-                return None
-            tokens = plan.comp_tokens[self.index]
             if len(tokens) == 0:
                 self.transport.idle()
                 return None
             return tuple(program(*flat, tokens.to(flat[0].device)))
+
+    def _run_attn(self, program, plan, step: CacheStep | None) -> None:
+        i, j = self.index
+        action = None
+        if step is not None:
+            caches = self.state.setdefault("kv", {})
+            if step.mode == FILL:
+                caches[step.cache_id] = {}
+            elif step.cache_id not in caches:
+                raise WorkerError(f"{self.layout.describe(self.rank)} holds no KV cache "
+                                  f"{step.cache_id}: a cache is extended after its fill")
+            action = CacheAction(caches[step.cache_id], step.mode, i, self.layout.beta)
+        dev = getattr(self.transport, "device", None) or torch.device("cpu")
+        q_rows, k_rows = plan.tile_tokens(i, j)
+        with comm.bound(self.transport, action), torch.no_grad():
+            program(q_rows.to(dev), k_rows.to(dev))
+
+    def _history(self, step: CacheStep, flat: list) -> list:
+        histories = self.state.setdefault("inputs", {})
+        if step.mode == FILL:
+            histories[step.cache_id] = InputHistory(flat)
+            return flat
+        if step.cache_id not in histories:
+            raise WorkerError(f"{self.layout.describe(self.rank)} holds no inputs of cache "
+                              f"{step.cache_id}: a cache is extended after its fill")
+        return histories[step.cache_id].extend(flat)
+
+    def drop(self, cache_ids) -> None:
+        """Free the KV caches and input histories of released caches."""
+        for cid in cache_ids:
+            for store in self.state.values():
+                store.pop(cid, None)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank holds: its programs' parameters and buffers, and its KV caches."""
+        seen, params = set(), 0
+        for program, _ in self.programs.values():
+            for t in (*program.parameters(), *program.buffers()):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    params += t.numel() * t.element_size()
+        kv = sum(c.nbytes() for layers in self.state.get("kv", {}).values() for c in layers.values())
+        return {"params": params, "kv_cache": kv}
 
     def handle(self, msg):
         kind = msg[0]
@@ -95,8 +150,8 @@ class Worker:
             self.load(key, blob.load() if isinstance(blob, ProgramBlob) else blob, layers)
             return ("ok", self.rank)
         if kind == "run":
-            _, key, n, flat = msg
-            pieces = self.run(key, n, flat)
+            _, key, n, flat, step = msg
+            pieces = self.run(key, n, flat, step)
             return ("done", self.rank, pieces, dict(self.transport.sent))
         if kind == "call":
             _, fn, args = msg
