@@ -188,3 +188,20 @@ def test_released_caches_are_freed_on_the_workers():
     assert list(held) == [cache.cache_id], held
     assert math.isclose(sum(r for r, _ in held[cache.cache_id].values()),
                         2 * math.ceil(PROMPT / 4), abs_tol=2)
+
+
+def test_generation_under_torchrun_on_every_rank(tmp_path):
+    """SPMD: all five ranks run HF's generate; every rank gets the logits and HF's tokens."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=5",
+           str(root / "tests" / "torchrun_generate.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "FXDISAGG_REPORT_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = {p.name: p.read_text() for p in tmp_path.glob("rank*")}
+    assert reports == {f"rank{r}": "True (2, 4, 128)" for r in range(5)}, reports

@@ -6,7 +6,9 @@ call; the programs' digest check refuses mismatches);
 each takes its role from its rank (`RankLayout`) and runs the shared `Worker` with a
 `CollectiveTransport` (NCCL on CUDA, device LOCAL_RANK; gloo on CPU). Rank 0 is CompNode 0
 *and* the driver: its inputs are authoritative and the call returns the outputs on rank 0
-and ``None`` elsewhere.
+and ``None`` elsewhere; a call with a KV cache (generation) returns them on every rank, so
+that every rank's GenerationMixin makes the same choices (rank 0's inputs decide what runs;
+sample with the same seed on every rank).
 
 Inputs and outputs travel as tensors, never pickled (on NCCL an unpickled tensor would land
 on the sender's device): rank 0 broadcasts a small int64 header (dtype, rank and sizes of
@@ -87,7 +89,7 @@ class TorchrunRuntime:
         key = self._load(programs)
         self._call += 1
         self._deadline, self._seen_layer = time.monotonic() + self.config.timeout, None
-        flat = self._broadcast_inputs(flat)
+        flat = self._broadcast_tensors(flat, "inputs")
         n = flat[0].shape[1]
         try:
             pieces = self.worker.run(key, n, flat, step)
@@ -100,10 +102,13 @@ class TorchrunRuntime:
             layer = self.worker.transport.layer
             self._announce(layer, e)
             raise worker_error(self.layout, self.rank, layer, format_error(e)) from e
-        if self.rank != 0:
-            return None
-        with torch.no_grad():
-            return list(programs.epilogue(*gather_frontier(plan, programs.frontier, gathered)))
+        outs = None
+        if self.rank == 0:
+            with torch.no_grad():
+                outs = list(programs.epilogue(*gather_frontier(plan, programs.frontier, gathered)))
+        if step is not None:     # generation: every rank's GenerationMixin reads the logits
+            return self._broadcast_tensors(outs or [], "outputs")
+        return outs
 
     # -- failing together ------------------------------------------------------------------------
     def _failure_key(self) -> str:
@@ -144,17 +149,19 @@ class TorchrunRuntime:
         return key
 
     # -- inputs and outputs as tensors -----------------------------------------------------------
-    def _broadcast_inputs(self, flat: list) -> list:
+    def _broadcast_tensors(self, flat: list, what: str) -> list:
+        """Rank 0's ``flat`` tensors on every rank: a header of dtypes and shapes, then each
+        tensor into a buffer preallocated from it."""
         header = torch.zeros(_HEADER, dtype=torch.int64)
         problem = None
         if self.rank == 0:
             fields = [len(flat)]
             for t in flat:
                 if t.dtype not in _DTYPES:
-                    problem = f"an input of dtype {t.dtype} (fxdisagg sends {_DTYPES})"
+                    problem = f"{what} of dtype {t.dtype} (fxdisagg sends {_DTYPES})"
                 fields += [_DTYPES.index(t.dtype) if t.dtype in _DTYPES else 0, t.dim(), *t.shape]
             if len(fields) > _HEADER:
-                problem = f"{len(flat)} inputs of {len(fields)} header fields (at most {_HEADER})"
+                problem = f"{len(flat)} {what} of {len(fields)} header fields (at most {_HEADER})"
             header[:min(len(fields), _HEADER)] = torch.tensor(fields[:_HEADER])
             header[0] = -1 if problem else header[0]     # every rank must learn of it: no hang
         header = header.to(self.device)
