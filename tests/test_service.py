@@ -122,3 +122,29 @@ def test_torchrun_ranks_fail_together_naming_the_failed_rank(tmp_path):
         seconds, first = raised.groups()
         assert "AttnNode (0, 1) (rank 2) failed at layer 1: RuntimeError: injected fault" in first, first
         assert float(seconds) < 20, f"rank {rank} took {seconds} s"
+
+
+def test_concurrent_generations_each_match_hf():
+    """Two threads generate at once on one model: steps interleave on the same workers,
+    each generation has its own KV cache and gets HF's tokens."""
+    model = tiny_model("llama")
+    prompts = {n: inputs("llama", 1, n, seed=n) for n in (9, 14)}
+    options = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = {n: model.generate(**kw, **options) for n, kw in prompts.items()}
+    results, errors = {}, []
+
+    def run(n):
+        try:
+            results[n] = dm.generate(**prompts[n], **options)
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    with fxdisagg.compile(model, 1, 2, launch="inprocess") as dm:
+        threads = [threading.Thread(target=run, args=(n,)) for n in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    for n in prompts:
+        assert torch.equal(results[n], expected[n]), n
