@@ -258,8 +258,7 @@ class DisaggregatedModel:
         with self._lock:
             past = cache.seq_length
             new = _new_columns(kwargs, past)
-            ids = next(v for v in new.values() if isinstance(v, torch.Tensor))
-            b, n = ids.shape[0], ids.shape[1]
+            b, n = new["input_ids"].shape
             if b != cache.batch:
                 raise InputError(f"the cache holds {cache.batch} sequences, the call has {b}")
             if past + n > cache.max_len:
