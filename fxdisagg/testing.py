@@ -113,3 +113,21 @@ def cache_rows(worker) -> dict[int, dict[int, tuple[int, int]]]:
     capacity) of the KV cache an AttnNode holds."""
     return {cid: {layer: (len(c), c.capacity) for layer, c in layers.items()}
             for cid, layers in worker.state.get("kv", {}).items()}
+
+
+def torchrun(script, nproc: int, report_dir, timeout: float = 300):
+    """Run ``script`` under ``torch.distributed.run`` on this host with ``nproc`` ranks
+    (one OpenMP thread each); returns the finished process and ``{rank: text}`` of the
+    report files the ranks wrote into ``report_dir`` (env ``FXDISAGG_REPORT_DIR``): one
+    file per rank, since lines printed by several processes to one pipe can interleave."""
+    import pathlib
+    import subprocess
+    import sys
+    report_dir = pathlib.Path(report_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "FXDISAGG_REPORT_DIR": str(report_dir)})
+    reports = {int(p.name[4:]): p.read_text() for p in report_dir.glob("rank*")}
+    return proc, reports

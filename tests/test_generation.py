@@ -192,16 +192,8 @@ def test_released_caches_are_freed_on_the_workers():
 
 def test_generation_under_torchrun_on_every_rank(tmp_path):
     """SPMD: all five ranks run HF's generate; every rank gets the logits and HF's tokens."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=5",
-           str(root / "tests" / "torchrun_generate.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
-                          env={**os.environ, "OMP_NUM_THREADS": "1",
-                               "FXDISAGG_REPORT_DIR": str(tmp_path)})
+    from fxdisagg.testing import torchrun
+    proc, reports = torchrun(Path(__file__).resolve().parent / "torchrun_generate.py", 5, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = {p.name: p.read_text() for p in tmp_path.glob("rank*")}
-    assert reports == {f"rank{r}": "True (2, 4, 128)" for r in range(5)}, reports
+    assert reports == {r: "True (2, 4, 128)" for r in range(5)}, reports

@@ -102,19 +102,12 @@ def test_ctrl_c_during_a_call_leaves_a_usable_model_and_no_process(launch, tmp_p
 def test_torchrun_ranks_fail_together_naming_the_failed_rank(tmp_path):
     """A rank that raises makes every rank raise within the call, not the process group's
     timeout (60 s here), and the job exits non-zero."""
-    import os
     import re
-    import subprocess
-    import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=5",
-           str(root / "tests" / "torchrun_fail_together.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root,
-                          env={**os.environ, "OMP_NUM_THREADS": "1",
-                               "FXDISAGG_REPORT_DIR": str(tmp_path)})
+    from fxdisagg.testing import torchrun
+    script = Path(__file__).resolve().parent / "torchrun_fail_together.py"
+    proc, reports = torchrun(script, 5, tmp_path, timeout=240)
     assert proc.returncode != 0, proc.stdout[-2000:]
-    reports = {int(p.name[4:]): p.read_text() for p in tmp_path.glob("rank*")}
     assert sorted(reports) == [0, 1, 2, 3, 4], proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank, text in reports.items():
         raised = re.fullmatch(r"raised after ([0-9.]+) s: (.*)", text)
