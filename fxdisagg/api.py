@@ -138,8 +138,7 @@ class DisaggregatedModel:
         return compiled
 
     def plan_for(self, n: int) -> Plan:
-        c = self.config
-        return self._plans.get_or(n, lambda: Plan.build(n, c.alpha, c.beta, c.sharding))
+        return self._plan_for_step(n, None)
 
     @property
     def plan(self) -> Plan | None:
@@ -278,13 +277,11 @@ class DisaggregatedModel:
         return pytree.tree_unflatten(outs, compiled.captured.out_spec)
 
     def _plan_for_step(self, n, step):
-        from fxdisagg.plan import ExtendPlan
+        from fxdisagg.plan import plan_for_call
         from fxdisagg.runtime.kvcache import EXTEND
-        if step is None or step.mode != EXTEND:
-            return self.plan_for(n)
-        c, offset = self.config, step.past % (self.config.beta ** 2)
-        return self._plans.get_or(("extend", offset, n), lambda: ExtendPlan.build(
-            offset, n, c.alpha, c.beta, c.sharding))
+        c = self.config
+        past = step.past if step is not None and step.mode == EXTEND else None
+        return plan_for_call(self._plans, n, c.alpha, c.beta, c.sharding, past)
 
     def _run(self, programs, n, flat, step=None):
         from fxdisagg.runtime import make_runtime

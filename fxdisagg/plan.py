@@ -304,6 +304,17 @@ class ExtendPlan:
         return torch.arange(self.n_tokens), self.owned(i * self.beta + j)
 
 
+def plan_for_call(cache, n: int, alpha: int, beta: int, strategy: str, past: int | None = None):
+    """The Plan of a call of n tokens from ``cache`` (an LRU with ``get_or``): a prefill's,
+    or, given ``past`` (tokens already in the KV cache it extends), an `ExtendPlan`, keyed by
+    what its routing depends on. The driver and every worker build theirs this way."""
+    if past is None:
+        return cache.get_or(n, lambda: Plan.build(n, alpha, beta, strategy))
+    offset = past % (beta * beta)
+    return cache.get_or(("extend", offset, n),
+                        lambda: ExtendPlan.build(offset, n, alpha, beta, strategy))
+
+
 def _preview(toks: torch.Tensor, k: int = 8) -> str:
     vals = toks.tolist()
     return str(vals) if len(vals) <= k else f"[{', '.join(map(str, vals[:k]))}, ...]"

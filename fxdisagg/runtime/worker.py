@@ -28,7 +28,7 @@ import torch
 
 from fxdisagg import comm
 from fxdisagg.errors import WorkerError
-from fxdisagg.plan import ExtendPlan, Plan
+from fxdisagg.plan import ExtendPlan, Plan, plan_for_call
 from fxdisagg.runtime.kvcache import EXTEND, FILL, CacheAction, CacheStep, InputHistory
 from fxdisagg.runtime.layout import ATTN, RankLayout
 from fxdisagg.schedule import Schedule
@@ -68,11 +68,8 @@ class Worker:
     def plan(self, n: int, step: CacheStep | None = None) -> Plan | ExtendPlan:
         """The Plan of a call of n tokens: a prefill's, or the step's that extends a cache."""
         a = self.layout
-        if step is not None and step.mode == EXTEND:
-            offset = step.past % (a.beta * a.beta)
-            return self.plans.get_or(("extend", offset, n), lambda: ExtendPlan.build(
-                offset, n, a.alpha, a.beta, self.strategy))
-        return self.plans.get_or(n, lambda: Plan.build(n, a.alpha, a.beta, self.strategy))
+        past = step.past if step is not None and step.mode == EXTEND else None
+        return plan_for_call(self.plans, n, a.alpha, a.beta, self.strategy, past)
 
     def schedule(self, key: int, plan) -> Schedule:
         layers = self.programs[key][1]
