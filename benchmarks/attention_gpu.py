@@ -2,6 +2,7 @@
 
     python benchmarks/attention_gpu.py [--head-dims 64 128] [--seqlens 1024 ... 32768]
                                        [--tokens 32768] [--betas 2 4] [--hidden 2048]
+                                       [--decode [--decode-batch 8] [--group 4] [--window W]]
 
 For each head dim D and sequence length N (batch B = tokens // N, so B*N stays constant;
 H = hidden // D heads), in bf16:
@@ -12,6 +13,16 @@ H = hidden // D heads), in bf16:
   one after the other on this GPU, plus the beta merges. Deployed, each tile runs on its
   own AttnNode; here the sum measures the total work and the kernel efficiency on the
   strided triangles (the column "tile/AttnNode" is the mean time of one tile).
+With --decode, one decode step instead (Mq = 1, the query at position N - 1 over a cache of
+N tokens, GQA with Hq / Hkv = group, batch --decode-batch, optional sliding window), which
+the Triton op runs on the decode kernel (`kernels/triton_decode.py`):
+- SDPA over the whole cache (`enable_gqa`, a window as a bool mask);
+- decode tile: our partial attention over the whole cache (beta = 1);
+- decode grid beta: the beta**2 R-sharded cache slices (node a holds tokens t with
+  t % beta**2 == a), one after the other, plus the merge of their beta**2 partials.
+A decode step is bound by reading k/v: each row reports the k/v bytes the step must read
+(the window's tokens only, if any) over its time, in GB/s.
+
 Throughput uses the useful causal FLOPs of the whole problem, 2 * 2 * B*H*N*N*D / 2, for
 every variant, so the ratios ours/SDPA compare time directly. The merge line reports the
 achieved memory bandwidth of one merge of beta partials: bytes read (beta outputs + lses)
@@ -109,6 +120,49 @@ def run_case(B, H, N, D, betas, dtype=torch.bfloat16):
     return rows
 
 
+def run_decode_case(B, Hq, Hkv, N, D, betas, window, dtype=torch.bfloat16):
+    """Rows (label, ms, nan, extra) for one decode step; see the module docstring."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from fxdisagg.kernels import triton_backend as tb
+    from fxdisagg.kernels.features import TileFeatures
+
+    dev = "cuda"
+    q = torch.randn(B, Hq, 1, D, device=dev, dtype=dtype)  # [B, Hq, 1, D]
+    k, v = (torch.randn(B, Hkv, N, D, device=dev, dtype=dtype) for _ in range(2))  # [B, Hkv, N, D]
+    pos = torch.arange(N, device=dev)
+    q_pos, scale = pos[-1:], D ** -0.5
+    seen = N if window is None else min(window, N)
+    moved = 2 * B * Hkv * seen * D * k.element_size()  # k/v bytes the step must read
+    mask = None if window is None else (q_pos - pos < window)[None, None, None, :]  # [1, 1, 1, N]
+
+    def sdpa_fn():
+        return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    def ours(kk, vv, k_pos):
+        return tb.partial_attention(q, kk, vv, TileFeatures(q_pos, k_pos, scale=scale,
+                                                            causal=True, window=window))
+
+    def row(label, ms, out=None):
+        err = "" if out is None else f"  max|err| {(out.float() - sdpa_fn().float()).abs().max().item():.1e}"
+        return label, ms, float("nan"), f"{moved / ms * 1e-6:.0f} GB/s{err}"
+
+    rows = [row("sdpa decode", _bench(sdpa_fn))]
+    rows.append(row("decode tile (beta=1)", _bench(lambda: ours(k, v, pos)), ours(k, v, pos)[0]))
+    for beta in betas:
+        nodes = [pos[a::beta ** 2] for a in range(min(beta ** 2, N))]
+        ks = [k[:, :, t].contiguous() for t in nodes]
+        vs = [v[:, :, t].contiguous() for t in nodes]
+
+        def grid():
+            parts = [ours(ks[a], vs[a], nodes[a]) for a in range(len(nodes))]
+            return tb.expsum_merge(torch.stack([p[0] for p in parts]),
+                                   torch.stack([p[1] for p in parts]))
+
+        rows.append(row(f"decode beta={beta} + merge", _bench(grid), grid()[0]))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -116,6 +170,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32768, help="B * N, kept constant")
     p.add_argument("--hidden", type=int, default=2048, help="H = hidden // D")
     p.add_argument("--betas", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--decode", action="store_true", help="one decode step instead of prefill")
+    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--group", type=int, default=4, help="decode: Hq // Hkv")
+    p.add_argument("--window", type=int, default=None, help="decode: sliding window")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -128,8 +186,10 @@ def main(argv=None) -> int:
     for D in args.head_dims:
         H = max(1, args.hidden // D)
         for N in args.seqlens:
-            B = max(1, args.tokens // N)
-            for label, ms, tflops, extra in run_case(B, H, N, D, args.betas):
+            B = args.decode_batch if args.decode else max(1, args.tokens // N)
+            rows = (run_decode_case(B, H, max(1, H // args.group), N, D, args.betas, args.window)
+                    if args.decode else run_case(B, H, N, D, args.betas))
+            for label, ms, tflops, extra in rows:
                 tf = "" if tflops != tflops else f"{tflops:8.1f}"
                 print(f"{D:>4} {N:>6} {B:>3} {H:>3}  {label:<24} {ms:9.3f} {tf:>8}  {extra}")
             torch.cuda.empty_cache()

@@ -21,6 +21,12 @@ for direct callers):
         lse = logsumexp_p lses[p];  out = sum_p exp(lses[p] - lse) * outs[p]
         (all partials -inf -> out 0, lse -inf; P == 0 is the same as all -inf).
 
+Two attention kernels, chosen in the op body (`_partial_attention_impl`), so every caller
+gets the right one: the decode variant (`triton_decode.py`: the GROUP query heads of a kv
+head packed into one row block, key loop bounded per batch row) when GROUP * Mq <= 64 (a
+decode step, short chunked prefill), else `partial_attention_fwd_kernel` (one program per
+query row block and query head, every key block classified).
+
 Both launchers go through the graph ops `torch.ops.fxdisagg.triton_partial_attention` and
 `torch.ops.fxdisagg.triton_expsum_merge`, registered here with `torch.library.triton_op`
 (the op bodies launch via `wrap_triton`), so make_fx / torch.export / torch.compile see a
@@ -47,6 +53,8 @@ from triton.runtime.interpreter import InterpretedFunction
 from fxdisagg.errors import KernelError, describe
 from fxdisagg.kernels import triton_kernels as tk
 from fxdisagg.kernels.features import TileFeatures
+from fxdisagg.kernels.triton_decode import (REG_BUDGET, SMEM_BUDGET, KernelFeatures, bucket,
+                                            kernel_features, launch_decode, uses_decode_kernel)
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +68,6 @@ _MAX_HEAD_DIM = 256  # BLOCK_D <= 256 keeps the q tile and accumulator in regist
 
 
 # ----------------------------------------------------------------------------- autotuning
-
-
-def _bucket(n):
-    """Autotune key for a length: the next power of two, so that every new shard length
-    does not retune. Symbolic lengths (tracing) pass through unchanged rather than
-    specialising the graph on them."""
-    if isinstance(n, int):
-        return 1 << max(n - 1, 0).bit_length()
-    return n
 
 
 def _attention_configs():
@@ -85,19 +84,12 @@ def _attention_configs():
     ]
 
 
-# Ampere (A100) allows ~163 KiB of shared memory per block, Hopper ~227 KiB: prune to what
-# both can hold so one list serves both.
-_SMEM_BUDGET = 160 * 1024
-# fp32 registers per thread left for the accumulator and the score tile.
-_REG_BUDGET = 192
-
-
 def _prune_attention_configs(configs, named_args, **kwargs):
     """Drop configs that cannot fit or cannot pay off for this call, before benchmarking.
 
     - tiles much longer than the shard (short shards, decode): BLOCK_M <= max(32, Mq
       bucket), BLOCK_N <= max(32, Mk bucket);
-    - shared memory: q tile + num_stages double (k, v) tiles must fit _SMEM_BUDGET, which
+    - shared memory: q tile + num_stages double (k, v) tiles must fit SMEM_BUDGET, which
       removes the deep pipelines / large BLOCK_N at D = 128 and for fp32 inputs;
     - registers: fp32 accumulator [BLOCK_M, D] + score tile [BLOCK_M, BLOCK_N] per thread;
     - 8 warps on a 32-row tile only adds synchronisation.
@@ -114,9 +106,9 @@ def _prune_attention_configs(configs, named_args, **kwargs):
         w, s = c.num_warps, c.num_stages
         if bm > max(32, mq) or bn > max(32, mk):
             continue
-        if elt * (bm * block_d + s * 2 * bn * block_d) > _SMEM_BUDGET:
+        if elt * (bm * block_d + s * 2 * bn * block_d) > SMEM_BUDGET:
             continue
-        if (bm * block_d + bm * bn) / (32 * w) > _REG_BUDGET:
+        if (bm * block_d + bm * bn) / (32 * w) > REG_BUDGET:
             continue
         if bm == 32 and w == 8:
             continue
@@ -186,27 +178,6 @@ def _check_device(t: torch.Tensor, what: str) -> None:
     raise KernelError(f"triton backend: {what} must be on a CUDA device, got {describe(t)}{hint}")
 
 
-def _feature(t: Optional[torch.Tensor], name: str, b: int, m: int, dtype: torch.dtype,
-             device: torch.device) -> Tuple[Optional[torch.Tensor], int]:
-    """Per-token feature as a 2-D tensor with a contiguous token dim plus its batch stride
-    (0 when shared by the whole batch). `[M]`, `[1, M]` and `[B, M]` are accepted."""
-    if t is None:
-        return None, 0
-    if t.dtype != dtype:
-        raise KernelError(f"triton backend: {name} must be {dtype}, got {describe(t)}")
-    if t.device != device:
-        raise KernelError(f"triton backend: {name} must be on {device}, got {describe(t)}")
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.dim() != 2 or t.shape[1] != m or t.shape[0] not in (1, b):
-        raise KernelError(f"triton backend: {name} must be [{m}] or [{b}, {m}], got {describe(t)}")
-    if m > 1 and t.stride(1) != 1:
-        t = t.contiguous()  # O(B*M) integers: negligible next to the tile
-    if dtype == torch.bool:
-        t = t.view(torch.uint8)  # same bytes; pointers to uint8 are portable across backends
-    return t, (t.stride(0) if t.shape[0] == b and b > 1 else 0)
-
-
 def _check_row_offsets(t: torch.Tensor, name: str) -> None:
     """Kernels index rows and head-dim lanes of one (batch, head) slice with int32
     offsets (batch/head/partial offsets are int64): the slice's span must fit int32."""
@@ -255,50 +226,38 @@ def _partial_attention_impl(
     _check_attention(q, k, v)
     B, Hq, Mq, D = q.shape
     Hkv, Mk = k.shape[1], k.shape[2]
-    dev = q.device
-    if (q_doc is None) != (k_doc is None):
-        raise KernelError("triton backend: q_doc and k_doc must be given together")
-    qp, s_qp = _feature(q_pos, "q_pos", B, Mq, torch.int64, dev)  # [1|B, Mq]
-    kp, s_kp = _feature(k_pos, "k_pos", B, Mk, torch.int64, dev)  # [1|B, Mk]
-    qd, s_qd = _feature(q_doc, "q_doc", B, Mq, torch.int64, dev)
-    kd, s_kd = _feature(k_doc, "k_doc", B, Mk, torch.int64, dev)
-    kv_ok, s_kv = _feature(k_valid, "k_valid", B, Mk, torch.bool, dev)  # uint8 view
-
-    out = torch.empty((B, Hq, Mq, D), dtype=q.dtype, device=dev)  # [B, Hq, Mq, D]
-    lse = torch.empty((B, Hq, Mq), dtype=torch.float32, device=dev)  # [B, Hq, Mq]
+    f = kernel_features(q, k, q_pos, k_pos, scale, causal, window, q_doc, k_doc, k_valid)
+    out = torch.empty((B, Hq, Mq, D), dtype=q.dtype, device=q.device)  # [B, Hq, Mq, D]
+    lse = torch.empty((B, Hq, Mq), dtype=torch.float32, device=q.device)  # [B, Hq, Mq]
     if Mq == 0 or B * Hq == 0:
         return out, lse
     if Mk == 0:  # no key at all: every row is fully masked
         return out.zero_(), lse.fill_(float("-inf"))
     if not _launchable(q, k, v):
         return out, lse
+    if uses_decode_kernel(Mq, Hq // Hkv):
+        launch_decode(q, k, v, out, lse, f)
+    else:
+        _launch_prefill(q, k, v, out, lse, f)
+    return out, lse
+
+
+def _launch_prefill(q, k, v, out, lse, f: KernelFeatures) -> None:
+    """`partial_attention_fwd_kernel`: one program per (query row block, batch * query head)."""
+    B, Hq, Mq, _ = q.shape
+    Mk = k.shape[2]
 
     def grid(meta):
         return (triton.cdiv(Mq, meta["BLOCK_M"]), B * Hq)
 
     wrap_triton(_attention_kernel)[grid](
-        q, k, v, qp, kp,
-        qp if qd is None else qd, kp if kd is None else kd, kp if kv_ok is None else kv_ok,
-        out, lse,
-        scale * 1.4426950408889634,  # scale * log2(e): the kernel works in base 2
-        0 if window is None else window,
-        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        s_qp, s_kp, s_qd, s_kd, s_kv,
-        Hq, Mq, Mk, Hq // Hkv,
-        _bucket(Mq), _bucket(Mk),
-        HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-        IS_CAUSAL=bool(causal),
-        HAS_WINDOW=window is not None,
-        HAS_DOC=qd is not None,
-        HAS_VALID=kv_ok is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        q, k, v, *f.pointers(), out, lse, *f.scalars(),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *f.batch_strides,
+        Hq, Mq, Mk, Hq // k.shape[1],
+        bucket(Mq), bucket(Mk),
+        **f.constexprs(q),
     )
-    return out, lse
 
 
 def _expsum_merge_impl(outs: torch.Tensor, lses: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +293,7 @@ def _expsum_merge_impl(outs: torch.Tensor, lses: torch.Tensor) -> Tuple[torch.Te
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         P, H, M,
-        _bucket(M),
+        bucket(M),
         HEAD_DIM=D,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
     )
