@@ -115,6 +115,14 @@ def cache_rows(worker) -> dict[int, dict[int, tuple[int, int]]]:
             for cid, layers in worker.state.get("kv", {}).items()}
 
 
+def free_port() -> int:
+    """A free TCP port on localhost, for a test's own process group."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(script, nproc: int, report_dir, timeout: float = 300):
     """Run ``script`` under ``torch.distributed.run`` on this host with ``nproc`` ranks
     (one OpenMP thread each); returns the finished process and ``{rank: text}`` of the

@@ -153,11 +153,22 @@ def _triangle(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int) -> tup
 
 
 def _masked(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
-    """General tile: additive mask `[B|1, 1, Mq, Mk]` (the CPU kernel rejects bool masks)."""
+    """General tile: additive mask `[B|1, 1, Mq, Mk]` (the CPU kernel rejects bool masks).
+
+    GQA either folds the group into the query rows, which repeats the mask G times, or
+    expands k/v to every query head: whichever copies less. Decode tiles (Mq = 1 against
+    the whole cache slice) fold: the mask copy is D*Hkv*2 times smaller than k/v's."""
     vis = f.visibility()  # [B|1, Mq, Mk]
     mask = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, NEG_INF)
-    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])  # [B, Hq, Mk, D]
-    out, lse = _flash(q, k, v, f.scale, False, mask[:, None])
+    b, hq, mq, d = q.shape
+    g = hq // k.shape[1]
+    if g > 1 and mask.shape[0] * g * mq < 2 * b * hq * d:
+        qf = q.reshape(b, hq // g, g * mq, d)  # [B, Hkv, G*Mq, D]: row gi*Mq + m
+        out, lse = _flash(qf, k, v, f.scale, False, mask.repeat(1, g, 1)[:, None])
+        out, lse = out.reshape(b, hq, mq, d), lse.reshape(b, hq, mq)
+    else:
+        k, v = expand_kv_heads(k, hq), expand_kv_heads(v, hq)  # [B, Hq, Mk, D]
+        out, lse = _flash(q, k, v, f.scale, False, mask[:, None])
     return _fix_empty_rows(out, lse, vis.any(-1))
 
 

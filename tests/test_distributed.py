@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import fxdisagg
-from fxdisagg.testing import inject_fault, inputs, reference, rel_error, tiny_model
+from fxdisagg.testing import free_port, inject_fault, inputs, reference, rel_error, tiny_model
 
 FP32_TOL = 1e-4
 LENGTHS = [1, 7, 129]
@@ -241,11 +241,9 @@ def _schedule_rank(rank: int, port: int, results) -> None:
 def test_ranks_with_different_schedules_refuse_to_run():
     import torch.multiprocessing as mp
 
-    from fxdisagg.runtime.spawn import _free_port
-
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_schedule_rank, args=(r, port, results)) for r in range(2)]
     for p in procs:
         p.start()

@@ -38,3 +38,9 @@ class RankLayout:
     def describe(self, rank: int) -> str:
         role, idx = self.role(rank)
         return f"{role} {idx} (rank {rank})"
+
+    def peers(self, rank: int) -> list[int]:
+        """The ranks ``rank`` exchanges with: every rank of the other role (CompNodes send
+        to AttnNodes and back; neither role routes to itself)."""
+        mine = self.role(rank)[0]
+        return [r for r in range(self.world) if self.role(r)[0] != mine]

@@ -3,23 +3,40 @@
 As NCCL does within a node, the bytes do not cross a socket: each rank packs what it sends
 (`Exchange.pack`, the one copy) straight into its own shared segment for the phase, and the
 receivers map that segment and read their rows in place (`Exchange.place` makes views, or
-its one placing copy). Only a three-int header per (sender, receiver) travels through the
-process group: which segment generation, where the receiver's bytes start and how many.
-That header exchange is also the synchronisation: the receiver reads after the header
-arrived, i.e. after the sender finished packing.
+its one placing copy). Nothing travels through a process group; a rank announces an
+exchange to each peer with
 
-The invariant this rests on: a received view is dead before the next exchange of the same
-phase (the tile once the reply is packed; the partials once the merge or, at beta == 1, the
-O-projection of the next stage read them); no program returns or keeps one across calls.
-Why the segments can be reused without a lock: a rank packs into its segment of a phase
-again only after it has received the next phase from every peer that read it (the return
-of layer l arrives after the AttnNodes computed on the dispatch of layer l; the dispatch of
-layer l+1 arrives after the CompNodes merged the return of layer l).
+- a *header* in its own shared board: for exchange ``s`` of this transport's life, slot
+  ``s % SLOTS`` holds, per receiver, ``(s, segment generation, offset, bytes)``;
+- a *doorbell*: a POSIX semaphore per (receiver, sender) pair of peers, posted once per
+  exchange after the payload and the header are written.
+
+A receiver acquires the doorbell of every peer once per exchange and then reads that peer's
+header and bytes. Posting and acquiring a semaphore are full memory barriers, so the reads
+see the writes. This replaced a gloo ``all_to_all`` of the headers: on the 2-core CI machine
+a decode step at (1, 2) spent more CPU in gloo's socket threads than in the model
+(``benchmarks/decode_cpu.py``, see the README for the figures).
+
+Peers are the ranks of the other role (`RankLayout.peers`): every route runs between a
+CompNode and an AttnNode. A rank rings every peer in every exchange, empty routes included,
+so a rank's exchange completes only after every peer started it, and the segments rely on
+that. A received view is dead before the next exchange of the same phase (the tile once
+the reply is packed; the partials once the merge or, at beta == 1, the O-projection of the
+next stage read them); no program returns or keeps one across calls. A rank packs into its
+segment of a phase again only after every peer started a later exchange, i.e. after every
+reader of the bytes (always a peer) is done with them; a reader that gets no reply from
+this rank (an AttnNode given only keys) is covered by its empty ring. The same ordering
+bounds how far a sender runs ahead of a reader's header slot to two exchanges (``SLOTS``
+is 4; the sequence number in the header checks it). Ranks of one role never ring each
+other: at (1, 2) a CompNode rings 4 AttnNodes and each AttnNode 1 CompNode per exchange,
+not 20 rings among 5 ranks.
 
 Segments are files in /dev/shm (``torch.from_file(..., shared=True)``), named by a tag
 unique to the runtime, rank, phase and generation; a segment grows by doubling when a
 longer sequence needs more (a new generation, announced in the header). The creator removes
-its files when it stops; the driver removes any left by a worker that was killed.
+its files when it stops; the driver removes any left by a worker that was killed. A
+receiver that hears nothing from a peer for ``timeout`` seconds, or whose driver is gone
+(``alive()`` turns False), raises instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -27,15 +44,17 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import time
 
 import torch
-import torch.distributed as dist
 
 from fxdisagg.runtime.transport import Transport
 from fxdisagg.schedule import Exchange
 
 _DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _MIN_BYTES = 1 << 20
+SLOTS = 4                 # header slots per sender: it runs at most two exchanges ahead
+_POLL = 1.0               # seconds between checks of the deadline and of alive() while waiting
 
 
 def segment_path(tag: str, rank: int, phase: str, generation: int) -> str:
@@ -51,6 +70,15 @@ def remove_segments(tag: str) -> None:
             pass  # its creator removed it first
 
 
+def doorbells(ctx, layout) -> list[list]:
+    """``bells[receiver][sender]``: one semaphore per ordered pair of peers (None for
+    others), made by the driver from its multiprocessing context and handed to the workers
+    when they start."""
+    world = layout.world
+    return [[ctx.Semaphore(0) if s in layout.peers(r) else None for s in range(world)]
+            for r in range(world)]
+
+
 def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
     if create:
         with open(path, "wb") as f:
@@ -59,12 +87,26 @@ def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
 
 
 class SharedMemoryTransport(Transport):
-    def __init__(self, rank: int, world: int, *, tag: str, group=None, progress=None):
+    """``bells``: the driver's `doorbells`; this rank posts ``bells[peer][rank]`` and acquires
+    ``bells[rank][peer]`` for each of its peers (the senders that ring it).
+    ``timeout``: seconds a receiver waits for one peer."""
+
+    def __init__(self, rank: int, world: int, *, tag: str, bells, timeout: float = 300.0,
+                 alive=lambda: True, progress=None):
         super().__init__(rank, world, progress)
-        self.tag, self.group = tag, group
+        self.tag, self.bells, self.timeout, self.alive = tag, bells, timeout, alive
         self.device = torch.device("cpu")
         self._mine: dict[str, tuple[int, torch.Tensor]] = {}      # phase -> (generation, bytes)
         self._theirs: dict[tuple, torch.Tensor] = {}              # (src, phase, gen) -> bytes
+        self._board = self._board_of(rank, create=True)           # [SLOTS, world, 4] int64
+        self._boards: dict[int, torch.Tensor] = {}
+        self._seq = 0
+        self.peers = [r for r, bell in enumerate(bells[rank]) if bell is not None]
+
+    def _board_of(self, rank: int, create: bool = False) -> torch.Tensor:
+        nbytes = SLOTS * self.world * 4 * 8
+        raw = _map(segment_path(self.tag, rank, "board", 0), nbytes, create)
+        return raw.view(torch.int64).view(SLOTS, self.world, 4)
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
         gen, seg = self._mine.get(phase, (-1, None))
@@ -84,29 +126,55 @@ class SharedMemoryTransport(Transport):
         return self._segment(ex.phase, total)[1][:total]
 
     def _post(self, ex: Exchange, buf, dsts, sizes):
+        """Write this exchange's headers, then ring every peer."""
+        self._seq += 1
         gen = self._mine.get(ex.phase, (0, None))[0]
-        header = torch.zeros(self.world, 3, dtype=torch.int64)
+        header = [[self._seq, 0, 0, 0] for _ in range(self.world)]
         off = 0
         for d, s in zip(dsts, sizes):
-            header[d] = torch.tensor([gen, off, s])
+            header[d][1:] = gen, off, s
             off += s
-        got = torch.empty_like(header)
-        return dist.all_to_all_single(got, header, group=self.group, async_op=True), got
+        self._board[self._seq % SLOTS] = torch.tensor(header)
+        for d in self.peers:
+            self.bells[d][self.rank].release()
+        return self._seq
 
-    def _collect(self, ex: Exchange, token) -> list:
-        work, got = token
-        work.wait()
+    def _collect(self, ex: Exchange, seq: int) -> list:
+        """Hear every peer's doorbell for exchange ``seq``, then map the routes into this rank."""
+        for src in self.peers:
+            self._hear(src, ex)
         chunks = []
         for src, nbytes in ex.recv_sizes(self.rank):
-            gen, off, size = got[src].tolist()
-            if size != nbytes:
-                raise RuntimeError(f"rank {self.rank}: rank {src} announced {size} bytes for layer "
-                                   f"{ex.layer} {ex.phase}, the schedule says {nbytes}")
+            if src not in self.peers:
+                raise RuntimeError(f"rank {self.rank}: the schedule routes layer {ex.layer} "
+                                   f"{ex.phase} from rank {src}, which is not a peer")
+            got, gen, off, size = self._board_from(src)[seq % SLOTS, self.rank].tolist()
+            if got != seq or size != nbytes:
+                raise RuntimeError(
+                    f"rank {self.rank}: rank {src}'s header for layer {ex.layer} {ex.phase} reads "
+                    f"exchange {got} with {size} bytes; expected exchange {seq} with {nbytes} "
+                    f"(the schedule): the ranks ran different exchanges")
             if size == 0:                # an empty route: its sender may have no segment
                 chunks.append(torch.empty(0, dtype=torch.uint8))
                 continue
             chunks.append(self._their_segment(src, ex.phase, gen, off + size)[off:off + size])
         return chunks
+
+    def _hear(self, src: int, ex: Exchange) -> None:
+        deadline = time.monotonic() + self.timeout
+        bell = self.bells[self.rank][src]
+        while not bell.acquire(timeout=_POLL):
+            if not self.alive():
+                raise RuntimeError(f"rank {self.rank}: the driver is gone (waiting on rank {src} "
+                                   f"in layer {ex.layer} {ex.phase})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: rank {src} did not start layer {ex.layer} "
+                                   f"{ex.phase} within {self.timeout:g} s")
+
+    def _board_from(self, src: int) -> torch.Tensor:
+        if src not in self._boards:
+            self._boards[src] = self._board_of(src)
+        return self._boards[src]
 
     def _their_segment(self, src: int, phase: str, gen: int, nbytes: int) -> torch.Tensor:
         key = (src, phase, gen)
@@ -119,10 +187,11 @@ class SharedMemoryTransport(Transport):
         return seg
 
     def close(self) -> None:
-        for phase, (gen, _) in self._mine.items():
+        for phase, (gen, _) in [*self._mine.items(), ("board", (0, None))]:
             try:
                 os.unlink(segment_path(self.tag, self.rank, phase, gen))
             except FileNotFoundError:
                 pass  # the driver's clean-up was first
         self._mine.clear()
         self._theirs.clear()
+        self._boards.clear()

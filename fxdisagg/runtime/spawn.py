@@ -6,11 +6,12 @@ user's script: while they start, the caller's ``__main__`` is hidden from multip
 torchrun starts its ranks from a module of its own. Scripts without an
 ``if __name__ == "__main__":`` guard and notebooks therefore work.
 
-Each worker joins a gloo process group (localhost), runs the shared `Worker` loop with a
-`SharedMemoryTransport` (payloads through shared memory, a small header through gloo; see
-`fxdisagg.runtime.shm`), and persists for the DisaggregatedModel's lifetime. The driver is not
-in the group: it talks to workers over torch.multiprocessing queues (programs, inputs,
-frontier pieces, errors) and polls their liveness while it waits. CompNode weights travel
+Each worker runs the shared `Worker` loop with a `SharedMemoryTransport` (payloads and
+headers through shared memory, a semaphore per pair of ranks as doorbell; see
+`fxdisagg.runtime.shm`; no process group, no sockets) and persists for the
+DisaggregatedModel's lifetime. The driver makes the doorbells and talks to workers over
+torch.multiprocessing queues (programs, inputs, frontier pieces, errors) and polls their
+liveness while it waits. CompNode weights travel
 once per capture in shared memory (``share_memory_``: one copy in RAM). CPU only: CUDA
 models use torchrun. ``close()``, the context manager, garbage collection and interpreter
 exit stop the workers.
@@ -19,33 +20,31 @@ exit stop the workers.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import queue
+import secrets
 import signal
-import socket
 import sys
 import time
 import types
 import weakref
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fxdisagg.errors import ConfigError, WorkerError
 from fxdisagg.runtime.driver import Driver
 from fxdisagg.runtime.layout import COMP, RankLayout
-from fxdisagg.runtime.shm import SharedMemoryTransport, remove_segments
+from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, remove_segments
 from fxdisagg.runtime.worker import ProgramBlob, Worker, format_error, serve, worker_error
 
 log = logging.getLogger(__name__)
 
 
-def _tag(driver_pid: int, port: int) -> str:
-    """Names this runtime's shared-memory segments (`fxdisagg.runtime.shm`)."""
-    return f"{driver_pid}-{port}"
+def _tag() -> str:
+    """Names one runtime's shared-memory segments (`fxdisagg.runtime.shm`)."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _threads(layout: RankLayout, rank: int) -> int:
@@ -58,7 +57,7 @@ def _threads(layout: RankLayout, rank: int) -> int:
     return max(1, cores // peers)
 
 
-def _worker_main(rank, config, port, cmd_q, res_q, progress, parent_pid):
+def _worker_main(rank, config, tag, bells, cmd_q, res_q, progress, parent_pid):
     """Entry point of a spawned worker."""
     import fxdisagg  # noqa: F401  (registers the ops the programs call)
 
@@ -66,18 +65,17 @@ def _worker_main(rank, config, port, cmd_q, res_q, progress, parent_pid):
     if "OMP_NUM_THREADS" not in os.environ:      # a user's own setting wins
         torch.set_num_threads(_threads(layout, rank))
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=layout.world,
-                                timeout=datetime.timedelta(seconds=config.timeout))
-        transport = SharedMemoryTransport(rank, layout.world, tag=_tag(parent_pid, port),
-                                          progress=progress)
+        def alive():
+            return os.getppid() == parent_pid
+
+        transport = SharedMemoryTransport(rank, layout.world, tag=tag, bells=bells,
+                                          timeout=config.timeout, alive=alive, progress=progress)
         worker = Worker(rank, layout, transport, strategy=config.sharding, cache_size=config.cache_size)
         res_q.put(("ready", rank))
         try:
-            serve(worker, cmd_q, res_q, alive=lambda: os.getppid() == parent_pid)
+            serve(worker, cmd_q, res_q, alive=alive)
         finally:
             transport.close()
-        dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises WorkerError
         res_q.put(("error", rank, None, format_error(e)))
     finally:
@@ -102,12 +100,6 @@ def _workers_start_from_fxdisagg():
         sys.modules["__main__"] = main
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(procs, cmd_qs, grace: float, tag: str | None = None) -> None:
@@ -138,18 +130,17 @@ class SpawnRuntime(Driver):
         self.progress.share_memory_()
         self.res_q = ctx.Queue()
         self.cmd_qs = [ctx.Queue() for _ in range(world)]
-        port = _free_port()
-        self.tag = _tag(os.getpid(), port)
+        self.tag = _tag()
+        bells = doorbells(ctx, self.layout)
         self.procs = [ctx.Process(target=_worker_main, name=f"fxdisagg-{self.layout.describe(r)}",
-                                  args=(r, config, port, self.cmd_qs[r], self.res_q, self.progress,
-                                        os.getpid()), daemon=True)
+                                  args=(r, config, self.tag, bells, self.cmd_qs[r], self.res_q,
+                                        self.progress, os.getpid()), daemon=True)
                       for r in range(world)]
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.cmd_qs, 5.0,
-                                           _tag(os.getpid(), port))
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.cmd_qs, 5.0, self.tag)
         with _workers_start_from_fxdisagg():
             for p in self.procs:
                 p.start()
-        log.info("started %d workers on port %d", world, port)
+        log.info("started %d workers (shared memory tag %s)", world, self.tag)
         self._await(range(world), self.START_TIMEOUT)
 
     @property
