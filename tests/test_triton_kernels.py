@@ -17,10 +17,20 @@ to the test dtype first, so only kernel error is measured):
     fp16: out within 2e-3 (p and out are rounded to fp16), lse within 1e-4
     bf16: out within 1.6e-2, lse within 1e-3
 Shapes stay tiny (M <= 40 except one 160-key case, D <= 32 except one D=128 case with
-M <= 9, B <= 2, H <= 4): 192 cases (50 bf16 ones skipped without CUDA), ~30 s on one core
-under the interpreter.
+M <= 9, B <= 2, H <= 4).
 
-One module on purpose (~440 lines): the interpreter set-up above must precede every
+Two attention kernels: the graph op picks the decode kernel when GROUP * Mq <= 64
+(`triton_decode.uses_decode_kernel`), which covers most shapes here, else the prefill
+kernel. So that neither loses coverage, every partial-attention case runs twice, through
+the `kernel` fixture: "prefill" and "decode" force the choice (the op body reads
+`triton_backend.uses_decode_kernel`, patched here), and a spy on both launchers asserts
+that the forced kernel, and only it, was launched. Exceptions: the two SHAPES with
+GROUP * Mq > 64 (GQA 2 x Mq 33, GQA 4 x Mq 17), which the decode kernel is not meant for,
+run on the prefill kernel only; empty shards launch no kernel at all (asserted), so they
+run once; so do the merge tests on random partials and the argument errors.
+320 cases (80 bf16 ones skipped without CUDA), ~35 s on one core under the interpreter.
+
+One module on purpose (~490 lines): the interpreter set-up above must precede every
 Triton import, and the cases share the oracle and the tile builders.
 """
 
@@ -37,6 +47,7 @@ pytest.importorskip("triton")
 
 from fxdisagg.errors import KernelError  # noqa: E402
 from fxdisagg.kernels import triton_backend as tb  # noqa: E402
+from fxdisagg.kernels import triton_decode as td  # noqa: E402
 from fxdisagg.kernels.features import TileFeatures  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -130,6 +141,34 @@ def _attention(q, k, v, q_pos, k_pos, **feat):
     return tb.partial_attention(q, k, v, TileFeatures(q_pos, k_pos, **feat))
 
 
+KERNELS = ("prefill", "decode")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Spies on the two launchers that the graph op's body calls (it looks them up in
+    `triton_backend`'s globals on every call): the names of the kernels launched."""
+    seen = []
+    for name, attr in (("prefill", "_launch_prefill"), ("decode", "launch_decode")):
+        def spy(*args, _real=getattr(tb, attr), _name=name, **kwargs):
+            seen.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(tb, attr, spy)
+    return seen
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch, launches):
+    """Forces the attention kernel of every launch in the test: "decode" or "prefill",
+    by patching the dispatch rule where `_partial_attention_impl` reads it. After the
+    test, asserts that the forced kernel ran and the other never did."""
+    forced = request.param
+    monkeypatch.setattr(tb, "uses_decode_kernel", lambda mq, group: forced == "decode")
+    yield forced
+    assert launches, f"forced {forced!r} but no attention kernel was launched"
+    assert set(launches) == {forced}, f"forced {forced!r}, launched {sorted(set(launches))}"
+
+
 def _run_both(q, k, v, q_pos, k_pos, dtype, **feat):
     scale = feat.pop("scale", 1.0 / math.sqrt(q.shape[-1]))
     out, lse = _attention(q, k, v, q_pos, k_pos, scale=scale, **feat)
@@ -180,10 +219,19 @@ def _features(kind, B, Mq, Mk, gen):
     return q_pos.to(DEV), k_pos.to(DEV), feat
 
 
+def _shape_kernels():
+    """(shape, kernel) pairs: both kernels where the decode kernel is meant for the shape
+    (GROUP * Mq <= td.MAX_PACKED_ROWS), the prefill kernel only above."""
+    for s in SHAPES:
+        B, Hq, Hkv, Mq, Mk, D = s
+        for name in (KERNELS if td.uses_decode_kernel(Mq, Hq // Hkv) else ("prefill",)):
+            yield pytest.param(s, name, id="B{}Hq{}Hkv{}Mq{}Mk{}D{}".format(*s) + "-" + name)
+
+
 @pytest.mark.parametrize("kind", FEATURES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Mq{}Mk{}D{}".format(*s))
+@pytest.mark.parametrize("shape,kernel", list(_shape_kernels()), indirect=["kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_partial_attention_matches_oracle(dtype, shape, kind):
+def test_partial_attention_matches_oracle(dtype, shape, kernel, kind):
     B, Hq, Hkv, Mq, Mk, D = shape
     gen = torch.Generator().manual_seed(10 * SHAPES.index(shape) + FEATURES.index(kind))
     q = _randn((B, Hq, Mq, D), dtype, gen)
@@ -194,7 +242,7 @@ def test_partial_attention_matches_oracle(dtype, shape, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_non_contiguous_inputs_and_custom_scale(dtype):
+def test_non_contiguous_inputs_and_custom_scale(dtype, kernel):
     """[B, M, H, D] activations viewed as [B, H, M, D] (the layout after the qkv
     projection), k/v sliced out of a wider tensor: kernels read strides, never copy."""
     gen = torch.Generator().manual_seed(1)
@@ -209,7 +257,7 @@ def test_non_contiguous_inputs_and_custom_scale(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_unsorted_positions(dtype, seed):
+def test_unsorted_positions(dtype, seed, kernel):
     """Block skipping uses min/max of the actual positions, so it stays exact for any order."""
     gen = torch.Generator().manual_seed(seed)
     B, H, Mq, Mk, D = 1, 2, 37, 35, 16
@@ -228,7 +276,7 @@ def test_unsorted_positions(dtype, seed):
 @pytest.mark.parametrize("beta", [2, 3])
 @pytest.mark.parametrize("N", [1, 7, 33, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rsharded_tiles(dtype, N, beta):
+def test_rsharded_tiles(dtype, N, beta, kernel):
     """Every tile (i, j) of an R-sharded grid: q_pos = a*beta + i, k_pos = b*beta + j,
     with i >= j (lower triangle incl. diagonal) and i < j (strict: row 0 sees nothing);
     N < beta gives empty shards (Mq = 0 or Mk = 0)."""
@@ -251,7 +299,7 @@ def test_rsharded_tiles(dtype, N, beta):
 @pytest.mark.parametrize("beta", [2, 3])
 @pytest.mark.parametrize("N", [7, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rsharded_grid_plus_merge_equals_full_causal(dtype, N, beta):
+def test_rsharded_grid_plus_merge_equals_full_causal(dtype, N, beta, kernel):
     """beta x beta partials + triton merge, scattered back to token order, equal full
     causal attention over the N tokens."""
     gen = torch.Generator().manual_seed(N + beta)
@@ -278,7 +326,7 @@ def test_rsharded_grid_plus_merge_equals_full_causal(dtype, N, beta):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fully_masked_rows(dtype):
+def test_fully_masked_rows(dtype, kernel):
     """All keys padding, disjoint documents, a window that excludes everything: out 0,
     lse -inf, no NaN."""
     gen = torch.Generator().manual_seed(3)
@@ -297,7 +345,9 @@ def test_fully_masked_rows(dtype):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_empty_shards(causal):
+def test_empty_shards(causal, launches):
+    """Mk = 0 or Mq = 0 is answered by the op body without launching either kernel
+    (asserted), so it is not run per kernel."""
     gen = torch.Generator().manual_seed(4)
     D = 16
     e = torch.empty(0, dtype=torch.long, device=DEV)
@@ -313,12 +363,14 @@ def test_empty_shards(causal):
     out, lse = _attention(q0, kv, kv, e, torch.arange(5, device=DEV),
                           scale=0.25, causal=causal, window=None)
     assert out.shape == (2, 2, 0, D) and lse.shape == (2, 2, 0)
+    assert launches == []
 
 
-def test_skipped_key_blocks_are_never_read():
+def test_skipped_key_blocks_are_never_read(kernel):
     """Keys strictly after every query sit in blocks that must be skipped: poison them
     with NaN and check nothing leaks. Positions 128.. start a new block for every
-    BLOCK_N in {16, 32, 64, 128}, so this holds for every config."""
+    BLOCK_N in {16, 32, 64, 128}, so this holds for every config of the prefill kernel;
+    the decode kernel's key bounds end at key 16, before them."""
     gen = torch.Generator().manual_seed(5)
     D, Mq, Mk = 16, 16, 160
     q = _randn((1, 1, Mq, D), torch.float32, gen)
@@ -369,7 +421,7 @@ def test_expsum_merge_non_contiguous_and_empty():
     assert out.shape == (B, H, 0, D) and lse.shape == (B, H, 0)
 
 
-def test_merge_of_split_keys_equals_one_call():
+def test_merge_of_split_keys_equals_one_call(kernel):
     """Splitting the keys of one causal call into 3 chunks and merging reproduces it."""
     gen = torch.Generator().manual_seed(8)
     B, H, M, D = 1, 2, 30, 16
@@ -387,7 +439,7 @@ def test_merge_of_split_keys_equals_one_call():
 # ----------------------------------------------------------------------------- ops and errors
 
 
-def test_graph_ops_are_registered_and_traceable():
+def test_graph_ops_are_registered_and_traceable(kernel):
     """The launchers go through named ops that make_fx records as single nodes."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -427,7 +479,7 @@ def test_bad_arguments_raise_kernel_error():
         tb.expsum_merge(torch.zeros(2, 1, 1, 4, 16, device=DEV), torch.zeros(2, 1, 1, 4, device=DEV).half())
 
 
-def test_public_api_dispatches_to_triton():
+def test_public_api_dispatches_to_triton(kernel):
     """`fxdisagg.kernels.partial_attention(..., backend="triton")` reaches these kernels."""
     import fxdisagg.kernels as K
 
