@@ -123,9 +123,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script, nproc: int, report_dir, timeout: float = 300):
+def torchrun(script, nproc: int, report_dir, timeout: float = 300, env: dict | None = None):
     """Run ``script`` under ``torch.distributed.run`` on this host with ``nproc`` ranks
-    (one OpenMP thread each); returns the finished process and ``{rank: text}`` of the
+    (one OpenMP thread each, ``env`` added to the environment); returns the finished process and ``{rank: text}`` of the
     report files the ranks wrote into ``report_dir`` (env ``FXDISAGG_REPORT_DIR``): one
     file per rank, since lines printed by several processes to one pipe can interleave."""
     import pathlib
@@ -136,6 +136,6 @@ def torchrun(script, nproc: int, report_dir, timeout: float = 300):
            f"--nproc_per_node={nproc}", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1",
-                               "FXDISAGG_REPORT_DIR": str(report_dir)})
+                               "FXDISAGG_REPORT_DIR": str(report_dir), **(env or {})})
     reports = {int(p.name[4:]): p.read_text() for p in report_dir.glob("rank*")}
     return proc, reports

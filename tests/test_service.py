@@ -99,21 +99,27 @@ def test_ctrl_c_during_a_call_leaves_a_usable_model_and_no_process(launch, tmp_p
     assert out[2] == "children 0", proc.stdout
 
 
-def test_torchrun_ranks_fail_together_naming_the_failed_rank(tmp_path):
-    """A rank that raises makes every rank raise within the call, not the process group's
-    timeout (60 s here), and the job exits non-zero."""
+@pytest.mark.parametrize("fault, message, survivors", [
+    ("raise", "failed at layer 1: RuntimeError: injected fault", [0, 1, 2, 3, 4]),
+    ("die", "failed at layer 1: its process stopped without an error report", [0, 1, 3, 4]),
+])
+def test_torchrun_ranks_fail_together_naming_the_failed_rank(tmp_path, fault, message, survivors):
+    """A rank that raises, or whose process is killed, makes every other rank raise a
+    WorkerError naming it within the call, not the process group's timeout (60 s here),
+    and the job exits non-zero. A killed rank writes no report; torchrun's agent sends
+    SIGTERM to the others ~0.1 s after the death, which they turn into that error."""
     import re
     from pathlib import Path
     from fxdisagg.testing import torchrun
     script = Path(__file__).resolve().parent / "torchrun_fail_together.py"
-    proc, reports = torchrun(script, 5, tmp_path, timeout=240)
+    proc, reports = torchrun(script, 5, tmp_path, timeout=240, env={"FXDISAGG_FAULT": fault})
     assert proc.returncode != 0, proc.stdout[-2000:]
-    assert sorted(reports) == [0, 1, 2, 3, 4], proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(reports) == survivors, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank, text in reports.items():
         raised = re.fullmatch(r"raised after ([0-9.]+) s: (.*)", text)
         assert raised, f"rank {rank}: {text}"
         seconds, first = raised.groups()
-        assert "AttnNode (0, 1) (rank 2) failed at layer 1: RuntimeError: injected fault" in first, first
+        assert f"AttnNode (0, 1) (rank 2) {message}" in first, first
         assert float(seconds) < 20, f"rank {rank} took {seconds} s"
 
 
@@ -141,3 +147,22 @@ def test_concurrent_generations_each_match_hf():
     assert not errors, errors
     for n in prompts:
         assert torch.equal(results[n], expected[n]), n
+
+
+def test_heartbeat_names_a_peer_whose_pulse_stopped(monkeypatch):
+    """Two ranks' pulses in one store: while both beat nobody is dead; once rank 1 stops,
+    rank 0 names it, with the layer of its last pulse."""
+    import torch.distributed as dist
+    from fxdisagg.runtime import heartbeat
+    monkeypatch.setattr(heartbeat, "PERIOD", 0.02)
+    monkeypatch.setattr(heartbeat, "STALE", 0.3)
+    store = dist.HashStore()
+    mine = heartbeat.Heartbeat(store, 0, 2)
+    peer = heartbeat.Heartbeat(store, 1, 2, layer=lambda: 3)
+    try:
+        assert mine.wait_for_dead(within=0.6) is None
+        peer.stop()
+        assert mine.wait_for_dead(within=1.0) == (1, 3)
+    finally:
+        mine.stop()
+        peer.stop()

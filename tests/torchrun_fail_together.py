@@ -1,5 +1,6 @@
-"""Run by tests/test_service.py under torchrun (not a test module itself): one rank raises in
-the second call; every rank must raise WorkerError naming it, well within the timeout."""
+"""Run by tests/test_service.py under torchrun (not a test module itself): one rank fails in
+the second call, raising (``FXDISAGG_FAULT=raise``) or killed by SIGKILL (``=die``); every
+other rank must raise WorkerError naming it, well within the timeout."""
 
 import os
 import sys
@@ -23,7 +24,7 @@ dm = fxdisagg.compile(model, 1, 2, timeout=60)
 kw = inputs("llama", 2, 7)
 dm(**kw)
 if int(os.environ["RANK"]) == FAILING_RANK:
-    inject_fault(dm.runtime.worker, 1)
+    inject_fault(dm.runtime.worker, 1, kill=os.environ["FXDISAGG_FAULT"] == "die")
 t0 = time.monotonic()
 try:
     dm(**kw)

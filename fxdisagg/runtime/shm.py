@@ -99,14 +99,16 @@ class SharedMemoryTransport(Transport):
         self._mine: dict[str, tuple[int, torch.Tensor]] = {}      # phase -> (generation, bytes)
         self._theirs: dict[tuple, torch.Tensor] = {}              # (src, phase, gen) -> bytes
         self._board = self._board_of(rank, create=True)           # [SLOTS, world, 4] int64
-        self._boards: dict[int, torch.Tensor] = {}
+        self._boards: dict = {}                                    # peer -> its board
         self._seq = 0
         self.peers = [r for r, bell in enumerate(bells[rank]) if bell is not None]
 
-    def _board_of(self, rank: int, create: bool = False) -> torch.Tensor:
+    def _board_of(self, rank: int, create: bool = False):
+        """int64 ``[SLOTS, world, 4]`` header slots of ``rank``, as a numpy view (a Python
+        int in or out of numpy costs a fraction of a torch element access)."""
         nbytes = SLOTS * self.world * 4 * 8
         raw = _map(segment_path(self.tag, rank, "board", 0), nbytes, create)
-        return raw.view(torch.int64).view(SLOTS, self.world, 4)
+        return raw.view(torch.int64).view(SLOTS, self.world, 4).numpy()
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
         gen, seg = self._mine.get(phase, (-1, None))
@@ -129,12 +131,13 @@ class SharedMemoryTransport(Transport):
         """Write this exchange's headers, then ring every peer."""
         self._seq += 1
         gen = self._mine.get(ex.phase, (0, None))[0]
-        header = [[self._seq, 0, 0, 0] for _ in range(self.world)]
+        header = self._board[self._seq % SLOTS]       # numpy view of the shared slot
+        header[:, 1:] = 0
         off = 0
         for d, s in zip(dsts, sizes):
-            header[d][1:] = gen, off, s
+            header[d, 1:] = gen, off, s
             off += s
-        self._board[self._seq % SLOTS] = torch.tensor(header)
+        header[:, 0] = self._seq
         for d in self.peers:
             self.bells[d][self.rank].release()
         return self._seq
@@ -171,7 +174,7 @@ class SharedMemoryTransport(Transport):
                 raise TimeoutError(f"rank {self.rank}: rank {src} did not start layer {ex.layer} "
                                    f"{ex.phase} within {self.timeout:g} s")
 
-    def _board_from(self, src: int) -> torch.Tensor:
+    def _board_from(self, src: int):
         if src not in self._boards:
             self._boards[src] = self._board_of(src)
         return self._boards[src]

@@ -21,14 +21,18 @@ Ranks fail together: a rank whose call raises writes (rank, layer, first line) t
 process group's store under the call's number before raising; every rank waiting in a
 collective polls that key (and the call's ``timeout``) and raises a `WorkerError` naming the
 failed rank, role and layer, so the whole job exits non-zero within the call's timeout, not
-the process group's. A rank that dies without raising is not announced (its peers see the
-transport's own error or the timeout).
+the process group's. A rank that dies without raising is named by its stopped pulse
+(`fxdisagg.runtime.heartbeat`): its peers see it while they wait, or after the transport
+error or the SIGTERM from torchrun's agent that the death causes (during a call, SIGTERM
+becomes that `WorkerError` once the dead rank is known, else ``SystemExit(143)``).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -36,8 +40,10 @@ import torch.distributed as dist
 
 from fxdisagg.errors import ConfigError, InputError, WorkerError
 from fxdisagg.runtime.driver import gather_frontier
+from fxdisagg.runtime import heartbeat
+from fxdisagg.runtime.heartbeat import Heartbeat
 from fxdisagg.runtime.layout import COMP, RankLayout
-from fxdisagg.runtime.transport import CollectiveTransport, wait_watched
+from fxdisagg.runtime.transport import CollectiveError, CollectiveTransport, wait_watched
 from fxdisagg.runtime.worker import Worker, format_error, programs_digest, worker_error
 from fxdisagg.schedule import PHASES
 
@@ -80,6 +86,9 @@ class TorchrunRuntime:
                                         watch=self._watch)
         self.worker = Worker(self.rank, self.layout, transport, strategy=config.sharding,
                              cache_size=config.cache_size)
+        self.heartbeat = Heartbeat(self.store, self.rank, self.layout.world,
+                                   layer=lambda: transport.layer)
+        self._next_pulse_check = 0.0
         self._keys: dict[int, tuple[int, object]] = {}
         self.traffic: dict[int, dict[str, int]] = {}
 
@@ -91,17 +100,23 @@ class TorchrunRuntime:
         self._deadline, self._seen_layer = time.monotonic() + self.config.timeout, None
         flat = self._broadcast_tensors(flat, "inputs")
         n = flat[0].shape[1]
-        try:
-            pieces = self.worker.run(key, n, flat, step)
-            self._sum_traffic(programs)
-            plan = self.worker.plan(n, step)
-            gathered = self._gather_frontier(plan, programs.frontier, pieces)
-        except WorkerError:
-            raise                                    # a peer's failure, seen by `_watch`
-        except Exception as e:
-            layer = self.worker.transport.layer
-            self._announce(layer, e)
-            raise worker_error(self.layout, self.rank, layer, format_error(e)) from e
+        with _SigtermDuringCall() as sigterm:
+            try:
+                pieces = self.worker.run(key, n, flat, step)
+                self._sum_traffic(programs)
+                plan = self.worker.plan(n, step)
+                gathered = self._gather_frontier(plan, programs.frontier, pieces)
+            except WorkerError:
+                raise                                # a peer's failure, seen by `_watch`
+            except _Terminated as e:                 # torchrun's agent stops the job
+                self._raise_if_a_peer_died(wait=True)
+                raise SystemExit(128 + signal.SIGTERM) from e
+            except Exception as e:
+                sigterm.disarm()
+                self._raise_if_a_peer_died(wait=isinstance(e, (CollectiveError, dist.DistError)))
+                layer = self.worker.transport.layer
+                self._announce(layer, e)
+                raise worker_error(self.layout, self.rank, layer, format_error(e)) from e
         outs = None
         if self.rank == 0:
             with torch.no_grad():
@@ -122,13 +137,30 @@ class TorchrunRuntime:
         except Exception:  # noqa: BLE001 - the store may be gone with the job; the local error stands
             pass
 
+    def _raise_if_a_peer_died(self, wait: bool) -> None:
+        """Raise a `WorkerError` naming a peer whose pulse stopped; ``wait``: give a peer
+        that just died the time for its pulse to go stale (after a transport error)."""
+        found = self.heartbeat.wait_for_dead() if wait else self.heartbeat.dead()
+        if found is not None:
+            rank, pulse_layer = found
+            last = "before any layer" if pulse_layer < 0 else f"at layer {pulse_layer}"
+            # The layer is this rank's: where the call was when the peer fell silent (its
+            # own pulse may be up to a period older).
+            raise worker_error(self.layout, rank, self.worker.transport.layer,
+                               f"its process stopped without an error report (killed, or it "
+                               f"exited): no heartbeat for {heartbeat.STALE:g} s, the last one "
+                               f"{last}\n(seen by {self.layout.describe(self.rank)}, which stops too)")
+
     def _watch(self) -> None:
-        """While waiting in a collective: raise when a peer announced its failure, or when
-        this rank has entered no new layer for ``timeout`` seconds."""
+        """While waiting in a collective: raise when a peer announced its failure or died,
+        or when this rank has entered no new layer for ``timeout`` seconds."""
         if self.store.check([self._failure_key()]):
             rank, layer, first = self.store.get(self._failure_key()).decode().split("|", 2)
             raise worker_error(self.layout, int(rank), int(layer),
                                f"{first}\n(seen by {self.layout.describe(self.rank)}, which stops too)")
+        if time.monotonic() >= self._next_pulse_check:
+            self._next_pulse_check = time.monotonic() + heartbeat.PERIOD
+            self._raise_if_a_peer_died(wait=False)
         layer = self.worker.transport.layer
         if layer != self._seen_layer:             # progress: this rank entered a new layer
             self._seen_layer, self._deadline = layer, time.monotonic() + self.config.timeout
@@ -215,6 +247,38 @@ class TorchrunRuntime:
         return {self.rank: self.worker.memory()}
 
     def close(self) -> None:
+        self.heartbeat.stop()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
+
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a call (a BaseException: no ``except Exception`` swallows it)."""
+
+
+class _SigtermDuringCall:
+    """During a call on the main thread, the first SIGTERM raises `_Terminated` instead of
+    ending the process at once, so that the rank can still say which peer's death caused
+    it; once that analysis begins (`disarm`, or the first SIGTERM) more SIGTERMs are
+    ignored until the call is over. Elsewhere SIGTERM keeps its handler."""
+
+    def __enter__(self):
+        self.armed, self.previous = True, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.armed:
+            self.armed = False
+            raise _Terminated()
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+        return False

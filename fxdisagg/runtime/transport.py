@@ -115,19 +115,37 @@ class CollectiveTransport(Transport):
         return [parts[s] for s in srcs]
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed on the wire (gloo: "connection reset by peer"): a peer is gone,
+    and the error names its address, not its rank."""
+
+
 def wait_watched(work, watch=None, every: float = 0.05) -> None:
     """``work.wait()``, calling ``watch()`` every ``every`` seconds while it is pending
-    (polled at 0.5 ms: what a watched collective may add to its latency)."""
-    if watch is None:
+    (polled at 0.5 ms: what a watched collective may add to its latency). The collective's
+    own failure is raised as `CollectiveError`; what ``watch`` raises passes unchanged."""
+    if watch is not None:
+        next_check = time.monotonic() + every
+        while not _completed(work):
+            time.sleep(0.0005)
+            if time.monotonic() >= next_check:
+                watch()
+                next_check = time.monotonic() + every
+    _wait(work)
+
+
+def _completed(work) -> bool:
+    try:
+        return work.is_completed()
+    except RuntimeError as e:
+        raise CollectiveError(str(e)) from e
+
+
+def _wait(work) -> None:
+    try:
         work.wait()
-        return
-    next_check = time.monotonic() + every
-    while not work.is_completed():
-        time.sleep(0.0005)
-        if time.monotonic() >= next_check:
-            watch()
-            next_check = time.monotonic() + every
-    work.wait()                                   # re-raises the collective's own error
+    except RuntimeError as e:
+        raise CollectiveError(str(e)) from e
 
 
 class Aborted(Exception):

@@ -181,6 +181,7 @@ def serve(worker: Worker, inbox, outbox, alive=lambda: True) -> None:
     """The loop: answer commands from ``inbox`` on ``outbox`` until ("close",) or until
     ``alive()`` turns False (the driver is gone). A failed run ends the loop."""
     import queue
+    shapes = None                        # (program, tokens) of the last run
     while True:
         try:
             msg = inbox.get(timeout=1.0)
@@ -192,8 +193,11 @@ def serve(worker: Worker, inbox, outbox, alive=lambda: True) -> None:
             return
         try:
             outbox.put(worker.handle(msg))
-            if msg[0] == "run":
-                _release_freed_memory()      # after the answer: off the call's critical path
+            if msg[0] == "run" and msg[1:3] != shapes:
+                # After the answer, off the call's critical path; not after a run shaped like
+                # the one before (decode steps): it reuses what that one freed.
+                _release_freed_memory()
+                shapes = msg[1:3]
         except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises
             outbox.put(("error", worker.rank, worker.transport.layer, format_error(e)))
             if msg[0] == "run" or not isinstance(e, Exception):
