@@ -31,6 +31,7 @@ Tensor-parallel head slices will be others still.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Sequence
@@ -169,6 +170,19 @@ def piece_bytes(spec: PieceSpec, rows: int) -> int:
     return -(-rows * spec.row_bytes() // ALIGN) * ALIGN
 
 
+def _per_rank(method):
+    """Memoise ``method(self, rank)`` on the instance: a rank's view of an exchange's routes
+    is asked for on every exchange of every call (a decode step is little else) and never
+    changes; the memo goes with the Exchange when the schedule caches drop it."""
+    @functools.wraps(method)
+    def memoised(self, rank: int):
+        key = (method.__name__, rank)
+        if key not in self._memo:
+            self._memo[key] = method(self, rank)
+        return self._memo[key]
+    return memoised
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Exchange:
     """One (layer, phase): the routes, the pieces each route carries and how receivers lay
@@ -182,16 +196,24 @@ class Exchange:
     routes: tuple[Route, ...]
     recv_rows: dict                      # rank -> rows per side of its received tensors
     merge_arity: int
+    _memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # `_per_rank`
 
     def bytes(self) -> int:
         """Bytes this exchange moves, all ranks together."""
         return sum(r.nbytes(self.send_pieces) for r in self.routes)
 
-    def sends(self, rank: int) -> list[Route]:
-        return sorted((r for r in self.routes if r.src == rank), key=lambda r: r.dst)
+    @_per_rank
+    def sends(self, rank: int) -> tuple[Route, ...]:
+        return tuple(sorted((r for r in self.routes if r.src == rank), key=lambda r: r.dst))
 
-    def receives(self, rank: int) -> list[Route]:
-        return sorted((r for r in self.routes if r.dst == rank), key=lambda r: r.src)
+    @_per_rank
+    def receives(self, rank: int) -> tuple[Route, ...]:
+        return tuple(sorted((r for r in self.routes if r.dst == rank), key=lambda r: r.src))
+
+    @_per_rank
+    def send_bytes(self, rank: int) -> int:
+        """Bytes ``rank`` packs in this exchange."""
+        return sum(r.nbytes(self.send_pieces) for r in self.sends(rank))
 
     # -- the sender: one packing copy -------------------------------------------------------
     def pack(self, rank: int, tensors: Sequence[Tensor], out: Tensor | None = None
@@ -216,9 +238,10 @@ class Exchange:
                 off += piece_bytes(spec, n)
         return buf, [r.dst for r in routes], sizes
 
-    def recv_sizes(self, rank: int) -> list[tuple[int, int]]:
+    @_per_rank
+    def recv_sizes(self, rank: int) -> tuple[tuple[int, int], ...]:
         """(source rank, bytes) of every route into ``rank``, in source order."""
-        return [(r.src, r.nbytes(self.send_pieces)) for r in self.receives(rank)]
+        return tuple((r.src, r.nbytes(self.send_pieces)) for r in self.receives(rank))
 
     # -- the receiver: views where the bytes are already in place, else one placing copy -----
     def place(self, rank: int, chunks: Sequence[Tensor], device=None) -> list[Tensor]:

@@ -122,7 +122,7 @@ class SharedMemoryTransport(Transport):
         return gen, seg
 
     def _send_buffer(self, ex: Exchange) -> torch.Tensor:
-        total = sum(r.nbytes(ex.send_pieces) for r in ex.sends(self.rank))
+        total = ex.send_bytes(self.rank)
         if total == 0:                 # nothing to send in this phase: no segment at all
             return torch.empty(0, dtype=torch.uint8)
         return self._segment(ex.phase, total)[1][:total]
