@@ -109,6 +109,7 @@ def encode_pieces(pieces: Sequence[PieceSpec]) -> str:
     return " ".join(p.encode() for p in pieces)
 
 
+@functools.lru_cache(maxsize=1024)      # the op arguments of the programs: a few per layer
 def decode_pieces(text: str) -> tuple[PieceSpec, ...]:
     return tuple(PieceSpec.decode(t) for t in text.split())
 

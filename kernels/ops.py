@@ -1,10 +1,13 @@
 """Graph ops `torch.ops.fxdisagg.partial_attention` and `torch.ops.fxdisagg.expsum_merge`.
 
 The split-attention pass writes these into FX graphs, so they must be traceable
-(`torch.export`, Dynamo) and show up by name in dumps: registered with
-`torch.library.custom_op`, with fake implementations that only compute output metadata
-(they work with symbolic shapes). The real implementations call `api.py`, so validation
-and backend choice are the same as for direct calls.
+(`torch.export`, Dynamo) and show up by name in dumps: defined in a `torch.library.Library`
+with a CompositeExplicitAutograd kernel and fake implementations that only compute output
+metadata (they work with symbolic shapes). Not `torch.library.custom_op`: its autograd and
+Dynamo-disable wrappers cost ~50 us a call, and an AttnNode's decode step is little else
+than these calls (the ops have no backward; fxdisagg runs inference). The real
+implementations call `api.py`, so validation and backend choice are the same as for
+direct calls.
 
 Differences from the Python API, forced by the op schema:
 - `scale` is required (the pass computes it; there is no None default);
@@ -29,7 +32,11 @@ _PARTIAL_SCHEMA = (
 _MERGE_SCHEMA = "(Tensor outs, Tensor lses, str backend) -> (Tensor, Tensor)"
 
 
-@torch.library.custom_op("fxdisagg::partial_attention", mutates_args=(), schema=_PARTIAL_SCHEMA)
+_lib = torch.library.Library("fxdisagg", "FRAGMENT")
+_lib.define("partial_attention" + _PARTIAL_SCHEMA)
+_lib.define("expsum_merge" + _MERGE_SCHEMA)
+
+
 def partial_attention(
     q: Tensor,
     k: Tensor,
@@ -51,7 +58,6 @@ def partial_attention(
     )
 
 
-@partial_attention.register_fake
 def _partial_attention_fake(
     q, k, v, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window, backend
 ):
@@ -60,14 +66,18 @@ def _partial_attention_fake(
     return out, lse
 
 
-@torch.library.custom_op("fxdisagg::expsum_merge", mutates_args=(), schema=_MERGE_SCHEMA)
 def expsum_merge(outs: Tensor, lses: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Graph op for `api.expsum_merge`: out `[B, H, M, D]` (outs' dtype), lse fp32 `[B, H, M]`."""
     return api.expsum_merge(outs, lses, backend=backend or None)
 
 
-@expsum_merge.register_fake
 def _expsum_merge_fake(outs, lses, backend):
     out = outs.new_empty(outs.shape[1:])  # [B, H, M, D]
     lse = lses.new_empty(lses.shape[1:])  # [B, H, M]
     return out, lse
+
+
+for _name, _real, _fake in (("partial_attention", partial_attention, _partial_attention_fake),
+                            ("expsum_merge", expsum_merge, _expsum_merge_fake)):
+    _lib.impl(_name, _real, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fxdisagg::{_name}", _fake, lib=_lib)

@@ -54,9 +54,8 @@ def visibility(
     """
     qp = _as_rows(q_pos)[:, :, None]  # [B|1, Mq, 1]
     kp = _as_rows(k_pos)[:, None, :]  # [B|1, 1, Mk]
-    vis = torch.ones(
-        torch.broadcast_shapes(qp.shape, kp.shape), dtype=torch.bool, device=qp.device
-    )  # [B|1, Mq, Mk]
+    rows = max(qp.shape[0], kp.shape[0])  # B|1 (torch.broadcast_shapes: 10x slower)
+    vis = torch.ones((rows, qp.shape[1], kp.shape[2]), dtype=torch.bool, device=qp.device)
     if causal:
         vis = vis & (kp <= qp)
     if window is not None:
