@@ -164,12 +164,16 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, T
     g = hq // k.shape[1]
     if g > 1 and mask.shape[0] * g * mq < 2 * b * hq * d:
         qf = q.reshape(b, hq // g, g * mq, d)  # [B, Hkv, G*Mq, D]: row gi*Mq + m
-        out, lse = _flash(qf, k, v, f.scale, False, mask.repeat(1, g, 1)[:, None])
+        rows = mask[:, None].expand(-1, g, mq, -1).reshape(-1, 1, g * mq, mask.shape[-1])  # a view at Mq = 1
+        out, lse = _flash(qf, k, v, f.scale, False, rows)
         out, lse = out.reshape(b, hq, mq, d), lse.reshape(b, hq, mq)
     else:
         k, v = expand_kv_heads(k, hq), expand_kv_heads(v, hq)  # [B, Hq, Mk, D]
         out, lse = _flash(q, k, v, f.scale, False, mask[:, None])
-    return _fix_empty_rows(out, lse, vis.any(-1))
+    any_visible = vis.any(-1)  # [B|1, Mq]
+    if bool(any_visible.all()):  # the usual case: no row to fix
+        return out, lse
+    return _fix_empty_rows(out, lse, any_visible)
 
 
 # ----------------------------------------------------------------------------- math path

@@ -57,6 +57,51 @@ def _threads(layout: RankLayout, rank: int) -> int:
     return max(1, cores // peers)
 
 
+_INLINE_BYTES = 1 << 16
+
+
+class _Inline:
+    """A small CPU tensor that pickles as its bytes and unpickles as a tensor again.
+
+    torch.multiprocessing sends every CPU tensor through a queue as a shared-memory file
+    descriptor, one socket round trip to the sender's resource sharer each: a fixed cost
+    that dominated the messages of a decode step (inputs of one token per row, the new
+    hidden state back). Tensors under `_INLINE_BYTES` travel inside the pickle instead."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def __reduce__(self):
+        t = self.t.contiguous()
+        return _tensor_from_bytes, (t.view(torch.uint8).numpy().tobytes(), t.dtype, tuple(t.shape))
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _inline(obj):
+    """``obj`` (a message: tuples and lists of values) with its small CPU tensors as `_Inline`."""
+    if isinstance(obj, torch.Tensor):
+        small = obj.device.type == "cpu" and obj.numel() * obj.element_size() <= _INLINE_BYTES
+        return _Inline(obj) if small and obj.dim() > 0 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_inline(x) for x in obj)
+    return obj
+
+
+class _InliningQueue:
+    """A worker's answer queue: messages go out with their small tensors inlined."""
+
+    def __init__(self, q):
+        self.q = q
+
+    def put(self, msg) -> None:
+        self.q.put(_inline(msg))
+
+
 def _worker_main(rank, config, tag, bells, cmd_q, res_q, progress, parent_pid):
     """Entry point of a spawned worker."""
     import fxdisagg  # noqa: F401  (registers the ops the programs call)
@@ -73,7 +118,7 @@ def _worker_main(rank, config, tag, bells, cmd_q, res_q, progress, parent_pid):
         worker = Worker(rank, layout, transport, strategy=config.sharding, cache_size=config.cache_size)
         res_q.put(("ready", rank))
         try:
-            serve(worker, cmd_q, res_q, alive=alive)
+            serve(worker, cmd_q, _InliningQueue(res_q), alive=alive)
         finally:
             transport.close()
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises WorkerError
@@ -157,7 +202,7 @@ class SpawnRuntime(Driver):
         return ProgramBlob(program)
 
     def _post(self, rank, msg):
-        self.cmd_qs[rank].put(msg)
+        self.cmd_qs[rank].put(_inline(msg) if msg[0] == "run" else msg)
 
     def _answers(self):
         return self.res_q
