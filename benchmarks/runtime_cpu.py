@@ -7,7 +7,7 @@ A mid-size Llama (hidden 512, 8 layers, 8 heads, fp32) at N tokens, batch 1:
             export HF builds the dense [N, N] mask it skips in eager mode, so this column
             puts the cost of the capture beside the cost of the runtime;
   - (1, 1): one CompNode + one AttnNode process (launch="spawn": payloads through shared
-            memory, a small header through gloo, four collectives per layer, inputs and
+            memory, headers and doorbells too, four exchanges per layer, inputs and
             frontier through the driver channel), with no parallelism to hide the runtime;
   - (2, 2): two CompNodes and four AttnNodes, beside it for scale (on a machine with fewer
             cores than workers it measures contention, not speed-up).
