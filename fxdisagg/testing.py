@@ -139,3 +139,29 @@ def torchrun(script, nproc: int, report_dir, timeout: float = 300, env: dict | N
                                "FXDISAGG_REPORT_DIR": str(report_dir), **(env or {})})
     reports = {int(p.name[4:]): p.read_text() for p in report_dir.glob("rank*")}
     return proc, reports
+
+
+# -- attention kernels against an fp64 oracle -------------------------------------------------
+#: Per dtype, (out atol = rtol, lse atol = rtol) of a kernel's result against an fp64 oracle
+#: fed the same (rounded) inputs: p and out are rounded to fp16/bf16 in those dtypes.
+ATTENTION_TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 1e-4),
+    torch.bfloat16: (1.6e-2, 1e-3),
+}
+
+
+def check_attention(out, lse, ref_out, ref_lse, dtype) -> None:
+    """A kernel's ``(out, lse)`` against the oracle's float64 ``(ref_out, ref_lse)``: dtypes,
+    shapes, no NaN, rows without visible keys exactly ``out 0, lse -inf``, the rest within
+    `ATTENTION_TOL`."""
+    tol_o, tol_l = ATTENTION_TOL[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert not out.isnan().any() and not lse.isnan().any()
+    masked = ref_lse == float("-inf")
+    assert torch.equal(lse.cpu() == float("-inf"), masked), "rows without keys differ"
+    assert (out.cpu()[masked] == 0).all(), "rows without keys must be exactly 0"
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=tol_o, rtol=tol_o)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=tol_l, rtol=tol_l)
+

@@ -35,6 +35,7 @@ import fxdisagg.kernels as K  # noqa: E402
 from fxdisagg.kernels import triton_backend as tb  # noqa: E402
 from fxdisagg.kernels import triton_decode as td  # noqa: E402
 from fxdisagg.kernels.features import TileFeatures  # noqa: E402
+from fxdisagg.testing import check_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -45,11 +46,6 @@ if not CUDA and not tb.INTERPRETED:
 
 _bf16 = pytest.param(
     torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter cannot multiply bf16"))
-TOL = {  # dtype -> (out atol=rtol, lse atol=rtol)
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 1e-4),
-    torch.bfloat16: (1.6e-2, 1e-3),
-}
 NEG_INF = float("-inf")
 
 
@@ -95,18 +91,6 @@ def _randn(shape, dtype, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(DEV)
 
 
-def _check(out, lse, ref_out, ref_lse, dtype):
-    tol_o, tol_l = TOL[dtype]
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
-    assert not out.isnan().any() and not lse.isnan().any()
-    masked = ref_lse == NEG_INF
-    assert torch.equal(lse.cpu() == NEG_INF, masked), "rows without keys differ"
-    assert (out.cpu()[masked] == 0).all(), "rows without keys must be exactly 0"
-    torch.testing.assert_close(out.double().cpu(), ref_out, atol=tol_o, rtol=tol_o)
-    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=tol_l, rtol=tol_l)
-
-
 def _dev(feat):
     return {n: (t.to(DEV) if torch.is_tensor(t) else t) for n, t in feat.items()}
 
@@ -141,7 +125,7 @@ def _run_op(kernel, q, k, v, q_pos, k_pos, dtype, *, scale=None, **feat):
     n_before = len(launches)
     out, lse = tb.partial_attention(q, k, v, TileFeatures(q_pos, k_pos, scale=scale, **feat))
     assert len(launches) - n_before == (1 if name == "decode" else 0)
-    _check(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=scale, **feat), dtype)
+    check_attention(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=scale, **feat), dtype)
     return out, lse
 
 
@@ -293,7 +277,7 @@ def test_keys_outside_bounds_are_never_read():
     for b, (lo, hi) in enumerate(bounds.tolist()):
         k[b, :, :lo], v[b, :, :lo], k[b, :, hi:], v[b, :, hi:] = (float("nan"),) * 4
     out, lse, _ = _launch(q, k, v, q_pos, k_pos, scale=0.25, **feat)
-    _check(out, lse, *ref, torch.float32)
+    check_attention(out, lse, *ref, torch.float32)
 
 
 def _rsharded_decode_tiles(N, Mq, beta, pad):
@@ -325,7 +309,7 @@ def test_rsharded_decode_loads_the_causal_minimum(beta, Mq, window):
         k, v = cache_k[:, :, tok], cache_v[:, :, tok]
         feat = dict(causal=True, window=window, k_valid=k_valid)
         out, lse, counts = _launch(q, k, v, q_pos, k_pos, scale=0.25, **feat)
-        _check(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=0.25, **feat), torch.float32)
+        check_attention(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=0.25, **feat), torch.float32)
         for b, (first, end) in enumerate(_seen_span(q_pos, k_pos, **feat)):
             assert (counts.loaded[b] == math.ceil((end - first) / counts.block_n)).all(), (b, counts)
         loaded += int(counts.loaded.sum())
@@ -348,7 +332,7 @@ def test_several_row_blocks_and_strided_inputs():
     q_pos, k_pos = torch.arange(13, 33, device=DEV), torch.arange(Mk, device=DEV)
     out, lse, counts = _launch(q, k, v, q_pos, k_pos, scale=0.3, causal=True, window=10)
     assert counts.loaded.shape == (B, Hkv, 2)
-    _check(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=0.3, causal=True, window=10),
+    check_attention(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=0.3, causal=True, window=10),
            torch.float32)
 
 
@@ -362,5 +346,5 @@ def test_public_api_dispatches_by_the_rule(decode_launches, Mq, decode):
     q_pos, k_pos = torch.arange(40 - Mq, 40, device=DEV), torch.arange(40, device=DEV)
     out, lse = K.partial_attention(q, k, v, q_pos, k_pos, causal=True, window=25, backend="triton")
     assert len(decode_launches) == int(decode) and td.uses_decode_kernel(Mq, 4) == decode
-    _check(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=0.25, causal=True, window=25),
+    check_attention(out, lse, *oracle_attention(q, k, v, q_pos, k_pos, scale=0.25, causal=True, window=25),
            torch.float32)

@@ -49,6 +49,7 @@ from fxdisagg.errors import KernelError  # noqa: E402
 from fxdisagg.kernels import triton_backend as tb  # noqa: E402
 from fxdisagg.kernels import triton_decode as td  # noqa: E402
 from fxdisagg.kernels.features import TileFeatures  # noqa: E402
+from fxdisagg.testing import check_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -63,11 +64,6 @@ _bf16 = pytest.param(
     torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter cannot multiply bf16")
 )
 DTYPES = [torch.float32, torch.float16, _bf16]
-TOL = {  # dtype -> (out atol=rtol, lse atol=rtol)
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 1e-4),
-    torch.bfloat16: (1.6e-2, 1e-3),
-}
 NEG_INF = float("-inf")
 
 
@@ -119,18 +115,6 @@ def _randn(shape, dtype, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(DEV)
 
 
-def _check(out, lse, ref_out, ref_lse, dtype):
-    tol_o, tol_l = TOL[dtype]
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
-    assert not out.isnan().any() and not lse.isnan().any()
-    masked = ref_lse == NEG_INF
-    assert torch.equal(lse.cpu() == NEG_INF, masked), "fully masked rows differ"
-    assert (out.cpu()[masked] == 0).all(), "fully masked rows must be exactly 0"
-    torch.testing.assert_close(out.double().cpu(), ref_out, atol=tol_o, rtol=tol_o)
-    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=tol_l, rtol=tol_l)
-
-
 def _shard(N, beta, i):
     """R-sharding: the sorted positions t < N with t mod beta == i (maybe empty)."""
     return torch.arange(N, device=DEV)[i::beta]
@@ -173,7 +157,7 @@ def _run_both(q, k, v, q_pos, k_pos, dtype, **feat):
     scale = feat.pop("scale", 1.0 / math.sqrt(q.shape[-1]))
     out, lse = _attention(q, k, v, q_pos, k_pos, scale=scale, **feat)
     ref_out, ref_lse = oracle_attention(q, k, v, q_pos, k_pos, scale=scale, **feat)
-    _check(out, lse, ref_out, ref_lse, dtype)
+    check_attention(out, lse, ref_out, ref_lse, dtype)
     return out, lse, ref_lse
 
 
@@ -322,7 +306,7 @@ def test_rsharded_grid_plus_merge_equals_full_causal(dtype, N, beta, kernel):
         out[:, :, qi], lse[:, :, qi] = o_i, l_i
     pos = torch.arange(N, device=DEV)
     ref_out, ref_lse = oracle_attention(q, k, v, pos, pos, scale=scale, causal=True)
-    _check(out, lse, ref_out, ref_lse, dtype)
+    check_attention(out, lse, ref_out, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -382,7 +366,7 @@ def test_skipped_key_blocks_are_never_read(kernel):
     out, lse = _attention(q, k, v, torch.arange(Mq, device=DEV),
                           torch.arange(Mk, device=DEV), scale=0.25, causal=True,
                           window=None)
-    _check(out, lse, ref_out, ref_lse, torch.float32)
+    check_attention(out, lse, ref_out, ref_lse, torch.float32)
 
 
 # ----------------------------------------------------------------------------- merge
@@ -405,7 +389,7 @@ def test_expsum_merge_matches_oracle(dtype, shape, P):
     ref_out, ref_lse = oracle_merge(torch.where(drop[..., None].to(DEV), 0.0, outs.float()), lses)
     outs[drop.to(DEV)] = float("nan")
     out, lse = tb.expsum_merge(outs, lses)
-    _check(out, lse, ref_out, ref_lse, dtype)
+    check_attention(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_expsum_merge_non_contiguous_and_empty():
@@ -414,7 +398,7 @@ def test_expsum_merge_non_contiguous_and_empty():
     outs = _randn((B, H, M, P, D), torch.float32, gen).permute(3, 0, 1, 2, 4)  # [P,B,H,M,D]
     lses = torch.randn((B, H, P, M), generator=gen).to(DEV).permute(2, 0, 1, 3)
     out, lse = tb.expsum_merge(outs, lses)
-    _check(out, lse, *oracle_merge(outs, lses), torch.float32)
+    check_attention(out, lse, *oracle_merge(outs, lses), torch.float32)
     out, lse = tb.expsum_merge(outs[:0], lses[:0])  # P = 0: nothing to merge
     assert (out == 0).all() and (lse == NEG_INF).all()
     out, lse = tb.expsum_merge(outs[:, :, :, :0], lses[:, :, :, :0])  # M = 0
@@ -459,7 +443,7 @@ def test_graph_ops_are_registered_and_traceable(kernel):
     assert torch.ops.fxdisagg.triton_expsum_merge.default in targets
     out, lse = gm(q, k, v, pos)
     ref_out, ref_lse = oracle_attention(q, k, v, pos, pos, scale=0.25, causal=True)
-    _check(out, lse, ref_out, ref_lse, torch.float32)
+    check_attention(out, lse, ref_out, ref_lse, torch.float32)
 
 
 def test_bad_arguments_raise_kernel_error():
@@ -489,6 +473,6 @@ def test_public_api_dispatches_to_triton(kernel):
     q_pos, k_pos = torch.arange(2, 13, device=DEV), torch.arange(13, device=DEV)
     out, lse = K.partial_attention(q, k, v, q_pos, k_pos, causal=True, window=4, backend="triton")
     ref_out, ref_lse = oracle_attention(q, k, v, q_pos, k_pos, scale=0.25, causal=True, window=4)
-    _check(out, lse, ref_out, ref_lse, torch.float32)
+    check_attention(out, lse, ref_out, ref_lse, torch.float32)
     m_out, m_lse = K.expsum_merge(out[None], lse[None], backend="triton")
-    _check(m_out, m_lse, ref_out, ref_lse, torch.float32)
+    check_attention(m_out, m_lse, ref_out, ref_lse, torch.float32)

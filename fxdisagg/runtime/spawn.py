@@ -7,11 +7,11 @@ torchrun starts its ranks from a module of its own. Scripts without an
 ``if __name__ == "__main__":`` guard and notebooks therefore work.
 
 Each worker runs the shared `Worker` loop with a `SharedMemoryTransport` (payloads and
-headers through shared memory, a semaphore per pair of ranks as doorbell; see
+headers through shared memory, a semaphore per CompNode/AttnNode pair as doorbell; see
 `fxdisagg.runtime.shm`; no process group, no sockets) and persists for the
 DisaggregatedModel's lifetime. The driver makes the doorbells and talks to workers over
-torch.multiprocessing queues (programs, inputs, frontier pieces, errors) and polls their
-liveness while it waits. CompNode weights travel
+torch.multiprocessing queues (programs, inputs, frontier pieces, errors; small tensors
+inline, see `_Inline`) and polls their liveness while it waits. CompNode weights travel
 once per capture in shared memory (``share_memory_``: one copy in RAM). CPU only: CUDA
 models use torchrun. ``close()``, the context manager, garbage collection and interpreter
 exit stop the workers.

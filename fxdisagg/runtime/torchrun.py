@@ -39,9 +39,8 @@ import torch
 import torch.distributed as dist
 
 from fxdisagg.errors import ConfigError, InputError, WorkerError
-from fxdisagg.runtime.driver import gather_frontier
 from fxdisagg.runtime import heartbeat
-from fxdisagg.runtime.heartbeat import Heartbeat
+from fxdisagg.runtime.driver import gather_frontier
 from fxdisagg.runtime.layout import COMP, RankLayout
 from fxdisagg.runtime.transport import CollectiveError, CollectiveTransport, wait_watched
 from fxdisagg.runtime.worker import Worker, format_error, programs_digest, worker_error
@@ -86,7 +85,7 @@ class TorchrunRuntime:
                                         watch=self._watch)
         self.worker = Worker(self.rank, self.layout, transport, strategy=config.sharding,
                              cache_size=config.cache_size)
-        self.heartbeat = Heartbeat(self.store, self.rank, self.layout.world,
+        self.heartbeat = heartbeat.Heartbeat(self.store, self.rank, self.layout.world,
                                    layer=lambda: transport.layer)
         self._next_pulse_check = 0.0
         self._keys: dict[int, tuple[int, object]] = {}
@@ -251,7 +250,6 @@ class TorchrunRuntime:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
-
 
 
 class _Terminated(BaseException):
