@@ -1,10 +1,16 @@
 """Dumps are complete when on, and the role programs read as the design says."""
 
+import html
 import json
+import re
+import shutil
+import subprocess
 
+import pytest
 import torch
 
 import fxdisagg
+from fxdisagg.pictures import comp_stage_summaries
 from fxdisagg.testing import inputs, rel_error, tiny_model
 
 
@@ -20,8 +26,9 @@ def test_dump_dir_writes_every_pass_programs_and_plan(tmp_path):
         assert name in timings
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["comp_tokens"][0] == [0, 1, 4, 5, 8, 9]
-    assert "cluster_attn" in (tmp_path / "roles.dot").read_text()
-    assert "AttnNode (0,1)" in (tmp_path / "plan.dot").read_text()
+    assert "2 × 2 AttnNodes" in (tmp_path / "roles.dot").read_text()
+    assert "AttnNode (0, 1)" in (tmp_path / "plan.dot").read_text()
+    assert (tmp_path / "stage_comp_stage_1.dot").exists() and (tmp_path / "stage_attn.dot").exists()
     assert dm.counts["lower.exchanges"] == 2 and dm.counts["lower.stages"] == 3
     assert "bytes per layer: dispatch" in (tmp_path / "plan.txt").read_text()
     # a second capture (another batch size) dumps beside the first, not over it
@@ -84,3 +91,49 @@ def test_last_token_logits_run_in_the_epilogue():
     full = dm(**inputs("llama", 2, 9))
     assert full.logits.shape == (2, 9, 128) and dm.compiled.counts["lower.exchanges"] == 2
     assert "slice" not in dm.programs.epilogue.code       # the latest call's capture: all logits
+
+
+def _svg_pixels(dot_file, tmp_path) -> tuple[float, float, str]:
+    """Render with graphviz (installed by .ci/run; `apt-get install graphviz` elsewhere)."""
+    exe = shutil.which("dot")
+    assert exe, "graphviz's `dot` is needed to render the dumps: apt-get install graphviz"
+    svg = subprocess.run([exe, "-Tsvg", str(dot_file)], capture_output=True, text=True,
+                         check=True).stdout
+    w, h = (float(x) for x in re.search(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"', svg).groups())
+    return w * 96 / 72, h * 96 / 72, html.unescape(svg)       # points -> CSS pixels
+
+
+def test_pictures_of_a_32_layer_model_fit_one_screen_and_say_what_runs_where(tmp_path):
+    """The role graph folds equal stages ("x 30 layers") and the Plan reads like the seed
+    figure; both render under 2,000 x 2,000 pixels with their labels."""
+    fxdisagg.compile(tiny_model("llama", layers=32), 2, 2, example_inputs=inputs("llama", 1, 12),
+                     launch="inprocess", dump_dir=tmp_path)
+    d = tmp_path / "capture0"
+    w, h, svg = _svg_pixels(d / "roles.dot", tmp_path)
+    assert w < 2000 and h < 2000, (w, h)
+    for label in ("2 CompNodes, stages 1-31 (× 31 layers)", "2 × 2 AttnNodes, layers 1-31",
+                  "partial attention", "expsum-merge, O-proj, RMSNorm, MLP (SiLU), RMSNorm, "
+                  "h → q,k,v, RoPE", "LM head", "epilogue"):
+        assert label in svg, label
+    w, h, svg = _svg_pixels(d / "plan.dot", tmp_path)
+    assert w < 2000 and h < 2000, (w, h)
+    for label in ("R-sharding", "2 CompNodes", "2 × 2 AttnNodes", "CompNode 1", "AttnNode (1, 0)",
+                  "q [1, 3, 5, 7, 9, 11]", "k [0, 2, 4, 6, 8, 10]", "B / layer", "Token indices"):
+        assert label in svg, label
+
+
+@pytest.mark.parametrize("family, middle, last", [
+    ("llama", "expsum-merge, O-proj, RMSNorm, MLP (SiLU), RMSNorm, h → q,k,v, RoPE",
+     "expsum-merge, O-proj, RMSNorm, MLP (SiLU), RMSNorm, LM head"),
+    ("gpt2", "expsum-merge, O-proj, LayerNorm, MLP, LayerNorm, h → q,k,v",
+     "expsum-merge, O-proj, LayerNorm, MLP, LayerNorm, LM head"),
+    ("bert", "expsum-merge, O-proj, LayerNorm, MLP (GELU), LayerNorm, h → q,k,v",
+     "expsum-merge, O-proj, LayerNorm, MLP (GELU), LayerNorm"),
+])
+def test_stage_summaries_name_what_each_compnode_stage_computes(family, middle, last):
+    dm = fxdisagg.compile(tiny_model(family, layers=3), 1, 2, example_inputs=inputs(family, 1, 9),
+                          launch="inprocess")
+    words = comp_stage_summaries(dm.programs)
+    assert words[0].startswith("Embedding, ") and words[0].endswith(middle.split("RMSNorm, ")[-1]
+                                                                      .split("LayerNorm, ")[-1])
+    assert words[1:3] == [middle, middle] and words[3] == last
