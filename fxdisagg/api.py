@@ -150,6 +150,13 @@ class DisaggregatedModel:
                              "or call the model once")
         return self._compiled[self._last_key]
 
+    def explain(self, n_tokens: int | None = None) -> str:
+        """What fxdisagg made of the model: the attention sites and their masks, where ops
+        run, the Plan for ``n_tokens`` (default: the latest call's length) and the expected
+        bytes and work per node (`fxdisagg.explain`)."""
+        from fxdisagg.explain import explain
+        return explain(self, n_tokens)
+
     @property
     def compiled(self) -> Compiled:
         """The capture the latest call used."""

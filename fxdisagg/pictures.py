@@ -116,7 +116,7 @@ def attn_summary(programs) -> str:
     return "<br/>".join(words)
 
 
-def _runs(items: list[str]) -> list[tuple[int, int, str]]:
+def runs(items: list[str]) -> list[tuple[int, int, str]]:
     """Consecutive equal items as (first index, last index, item)."""
     runs: list[tuple[int, int, str]] = []
     for k, item in enumerate(items):
@@ -145,7 +145,7 @@ def roles_dot(programs, alpha: int, beta: int) -> str:
              _box("inputs", "driver", "inputs (input_ids, mask, positions)", OTHER_COLOUR)]
     attn = attn_summary(programs)
     previous = "inputs"
-    for first, last, words in _runs(summaries):
+    for first, last, words in runs(summaries):
         name = f"comp_{first}"
         count = last - first + 1
         span = f"stage {first}" if count == 1 else f"stages {first}-{last} (× {count} layers)"

@@ -78,4 +78,4 @@ def test_cli_prints_and_draws_the_plan(tmp_path, capsys):
     from fxdisagg.cli import main
     assert main(["plan", "--tokens", "12", "--alpha", "2", "--beta", "2", "--dump-dir", str(tmp_path)]) == 0
     assert "CompNode 0: 6 tokens [0, 1, 4, 5, 8, 9]" in capsys.readouterr().out
-    assert "AttnNode (1,0)" in (tmp_path / "plan.dot").read_text()
+    assert "AttnNode (1, 0)" in (tmp_path / "plan.dot").read_text()
