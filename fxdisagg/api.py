@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from fxdisagg.capture import (HF_DEFAULTS, Captured, capture, check_inference, check_token_ids,
                               flat_inputs)
 from fxdisagg.config import Config
-from fxdisagg.errors import InputError
+from fxdisagg.errors import ConfigError, InputError
 from fxdisagg.passes.classify_masks import classify_masks
 from fxdisagg.passes.find_attention import find_attention
 from fxdisagg.passes.fold_repeat_kv import fold_repeat_kv
@@ -38,11 +38,16 @@ def compile(model: torch.nn.Module, alpha: int = 1, beta: int = 1, *, example_in
     example_inputs: dict of the token-indexed inputs the model will be called with
         (``input_ids``, optionally ``attention_mask``, ``position_ids``...); their names and
         batch size fix the capture. Without it the capture happens on the first call.
+    alpha="auto", beta="auto": the grid of least prefill time by the cost model
+        (`fxdisagg.cost.pick_grid`) for ``devices=`` GPUs of kind ``hw=`` ("h100", "h200")
+        at the example's length (else ``max_len``).
     options: ``max_len`` (largest sequence length, default from the model config),
         ``kernel`` ("torch" | "triton" | "reference"; default by device), ``timeout``
         (seconds a worker may make no progress), ``cache_size`` (per-length Plans and
         schedules kept). All of it becomes one frozen `fxdisagg.config.Config`.
     """
+    if "auto" in (alpha, beta):
+        alpha, beta = _auto_grid(model, example_inputs, options)
     config = Config.of(alpha, beta, tp=tp, sharding=sharding, launch=launch, dump_dir=dump_dir,
                        **options)
     check_inference(model, example_inputs or {})
@@ -345,3 +350,17 @@ def _capture_example(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         return {k: v.clone() for k, v in inputs.items()}  # a view would leak its base's size
     reps = -(-8 // n)
     return {k: v.repeat(1, reps, *([1] * (v.dim() - 2)))[:, :8].contiguous() for k, v in inputs.items()}
+
+
+def _auto_grid(model, example_inputs, options: dict) -> tuple[int, int]:
+    """alpha="auto", beta="auto": the cost model's pick (pops ``devices`` and ``hw``)."""
+    from fxdisagg import cost
+    devices, hw = options.pop("devices", None), options.pop("hw", "h100")
+    if not isinstance(devices, int) or devices < 2:
+        raise ConfigError(f'alpha="auto", beta="auto" needs devices= (an int >= 2: alpha + beta**2 '
+                          f'GPUs), got {devices!r}')
+    if hw not in cost.HARDWARE:
+        raise ConfigError(f"hw={hw!r}: one of {sorted(cost.HARDWARE)}")
+    ids = (example_inputs or {}).get("input_ids")
+    n = ids.shape[1] if ids is not None else options.get("max_len") or model.config.max_position_embeddings
+    return cost.pick_grid(cost.ModelShape.of(model.config), cost.HARDWARE[hw], int(n), devices)

@@ -1,6 +1,7 @@
 """``fxdisagg`` command line.
 
     fxdisagg plan --tokens 12 --alpha 2 --beta 2 [--sharding r] [--dump-dir DIR]
+    fxdisagg plan --seq N --devices D --hw h100|h200 [--model NAME|PATH]
     fxdisagg explain --model NAME|PATH [--alpha A --beta B --tokens N --batch B]
     fxdisagg dump --model NAME|PATH --alpha A --beta B --out DIR [--tokens N --batch B]
 
@@ -63,12 +64,25 @@ def _compile(args, dump_dir=None):
 
 
 def _plan(args) -> int:
+    if args.devices is not None:
+        return _cost_table(args)
     plan = Plan.build(args.tokens, args.alpha, args.beta, args.sharding)
     print(plan.summary())
     if args.dump_dir:
         from fxdisagg.dump import Dumper
         Dumper(args.dump_dir).plan(plan)
         print(f"wrote {args.dump_dir}/plan.json and plan.dot (plan.svg where graphviz is installed)")
+    return 0
+
+
+def _cost_table(args) -> int:
+    """The cost model's table for a prefill of --seq tokens on --devices GPUs."""
+    from fxdisagg import cost
+    shape = cost.LLAMA3_8B
+    if args.model:
+        with _step(f"loading {args.model}"):
+            shape = cost.ModelShape.of(load_model(args.model).config)
+    print(cost.table(shape, cost.HARDWARE[args.hw], args.tokens, args.devices))
     return 0
 
 
@@ -106,11 +120,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fxdisagg", description="fxdisagg tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("plan", help="print a Plan (token placement, work, bytes) and draw it")
-    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--tokens", "--seq", type=int, required=True, dest="tokens")
     p.add_argument("--alpha", type=int, default=1)
     p.add_argument("--beta", type=int, default=1)
     p.add_argument("--sharding", choices=STRATEGIES, default="r")
     p.add_argument("--dump-dir", default=None, help="write plan.json, plan.dot and plan.svg here")
+    p.add_argument("--devices", type=int, default=None,
+                   help="instead: the cost model's table for this many GPUs and the grid it picks")
+    p.add_argument("--hw", choices=("h100", "h200"), default="h100")
+    p.add_argument("--model", default=None, help="family or checkpoint whose shape to cost "
+                                                 "(default: Llama-3-8B's)")
     p.set_defaults(run=_plan)
     p = sub.add_parser("explain", help="attention sites, masks, where ops run, Plan, bytes and work")
     _model_args(p)

@@ -60,3 +60,11 @@ def test_cli_help_lists_the_commands_and_bad_models_are_named():
     bad = subprocess.run([sys.executable, "-m", "fxdisagg.cli", "explain", "--model", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "neither a family" in bad.stderr
+
+
+def test_cli_plan_prints_the_cost_table_and_the_grid_it_picks(capsys):
+    assert main(["plan", "--seq", "4096", "--devices", "8", "--hw", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "8 x H200 SXM" in out and "ring (zigzag) on 8" in out and "Ulysses on 8" in out
+    picked = [line for line in out.splitlines() if line.endswith("<- picked")]
+    assert len(picked) == 1 and picked[0].lstrip().startswith("fxdisagg (")
