@@ -1,5 +1,6 @@
 """``fxdisagg`` command line.
 
+    fxdisagg demo [--alpha 2 --beta 2 --tokens 256 --launch spawn|inprocess]
     fxdisagg plan --tokens 12 --alpha 2 --beta 2 [--sharding r] [--dump-dir DIR]
     fxdisagg plan --seq N --devices D --hw h100|h200 [--model NAME|PATH]
     fxdisagg explain --model NAME|PATH [--alpha A --beta B --tokens N --batch B]
@@ -75,6 +76,11 @@ def _plan(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from fxdisagg.demo import run
+    return run(args.alpha, args.beta, args.tokens, args.launch)
+
+
 def _cost_table(args) -> int:
     """The cost model's table for a prefill of --seq tokens on --devices GPUs."""
     from fxdisagg import cost
@@ -119,6 +125,12 @@ def _model_args(p, with_out: bool = False) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fxdisagg", description="fxdisagg tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="compile a small Llama, show its Plan, bytes and exactness")
+    p.add_argument("--alpha", type=int, default=2)
+    p.add_argument("--beta", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--launch", default=None, help="spawn (default), inprocess or torchrun")
+    p.set_defaults(run=_demo)
     p = sub.add_parser("plan", help="print a Plan (token placement, work, bytes) and draw it")
     p.add_argument("--tokens", "--seq", type=int, required=True, dest="tokens")
     p.add_argument("--alpha", type=int, default=1)

@@ -55,7 +55,7 @@ def test_cli_explains_and_dumps_a_checkpoint_directory(tmp_path, capsys):
 def test_cli_help_lists_the_commands_and_bad_models_are_named():
     out = subprocess.run([sys.executable, "-m", "fxdisagg.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for cmd in ("plan", "explain", "dump"):
+    for cmd in ("demo", "plan", "explain", "dump"):
         assert cmd in out
     bad = subprocess.run([sys.executable, "-m", "fxdisagg.cli", "explain", "--model", "nope"],
                          capture_output=True, text=True)
@@ -68,3 +68,10 @@ def test_cli_plan_prints_the_cost_table_and_the_grid_it_picks(capsys):
     assert "8 x H200 SXM" in out and "ring (zigzag) on 8" in out and "Ulysses on 8" in out
     picked = [line for line in out.splitlines() if line.endswith("<- picked")]
     assert len(picked) == 1 and picked[0].lstrip().startswith("fxdisagg (")
+
+
+def test_cli_demo_is_the_main_job_and_exact(capsys):
+    assert main(["demo", "--launch", "inprocess", "--tokens", "32", "--alpha", "1", "--beta", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(equal to the prediction)" in out and "DIFFERENT" not in out
+    assert "launch=inprocess: max |ours - model| / max |model| =" in out
