@@ -81,7 +81,7 @@ def stage_summary(stage, merges: bool, dispatches: bool) -> str:
             elif k > last_norm and dispatches:
                 words.append("h → q,k,v")
             elif k > last_norm:
-                words.append("LM head" if stage_is_last(events, k) else "linear")
+                words.append("LM head" if _nothing_after(events, k) else "linear")
             elif not words or not words[-1].startswith("MLP"):
                 words.append("MLP")
             seen_linear = True
@@ -92,7 +92,7 @@ def stage_summary(stage, merges: bool, dispatches: bool) -> str:
     return ", ".join(words) or "(no compute)"
 
 
-def stage_is_last(events, k: int) -> bool:
+def _nothing_after(events, k: int) -> bool:
     """A linear after the last norm with nothing after it: the vocabulary projection."""
     return all(kind != "linear" for kind, _ in events[k + 1:])
 
