@@ -21,6 +21,7 @@ from fxdisagg import pictures
 
 log = logging.getLogger(__name__)
 
+
 class Dumper:
     def __init__(self, root):
         self.root = pathlib.Path(root)
