@@ -72,21 +72,23 @@ class DisaggregatedModel:
     """Called like the model; ``.plan`` is the Plan of the latest length; ``close()`` stops
     workers (also a context manager)."""
 
-    def __init__(self, model: torch.nn.Module, config: Config):
+    def __init__(self, model: torch.nn.Module, config: Config, workers=None):
+        from fxdisagg.runtime import Workers
         self.model, self.config = model, config
-        self.max_len = config.max_len or getattr(model.config, "max_position_embeddings", 4096)
+        self.max_len = config.max_len or getattr(getattr(model, "config", None),
+                                                 "max_position_embeddings", 4096)
         self._compiled: dict[tuple, Compiled] = {}
         self._plans = LRU(config.cache_size)
         self._last_n = None
         self._last_key = None
-        self._runtime = None
-        self._epoch = 0                   # counts started runtimes: a KV cache lives in one
+        self._workers = workers or Workers(config, _device(model))
         self._released_caches: list[int] = []
         self._lock = threading.RLock()
 
     alpha = property(lambda self: self.config.alpha)
     beta = property(lambda self: self.config.beta)
     launch = property(lambda self: self.config.launch)
+    _runtime = property(lambda self: self._workers.runtime)
 
     # -- compilation ------------------------------------------------------------------------
     def prepare(self, inputs: dict[str, Any]) -> Compiled:
@@ -101,16 +103,19 @@ class DisaggregatedModel:
         settings = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor) and v is not None}
         if not tensors:
             raise InputError("call the model with token-indexed tensors (input_ids=...)")
-        first = next(iter(tensors.values()))
-        if first.dim() < 2 or first.shape[1] < 1:
-            raise InputError(f"inputs need a [batch, seq >= 1] token dim, got shape {tuple(first.shape)}")
+        first_name, first = next(iter(tensors.items()))
+        dim = self._token_dims(first_name)[0]
+        if first.dim() <= dim or first.shape[dim] < 1:
+            raise InputError(f"{first_name} needs a token dim {dim} of length >= 1, got shape "
+                             f"{tuple(first.shape)}")
+        n = first.shape[dim]
         key = (first.shape[0], tuple(sorted(tensors)),
                tuple(sorted((k, repr(v)) for k, v in settings.items() if k != "use_cache")))
         key = self._compatible(key)
         if key not in self._compiled:
-            self._compiled[key] = self._compile({**_capture_example(tensors), **settings},
-                                                first.shape[1], len(self._compiled))
-        self._last_n = self._last_n or first.shape[1]
+            example = _capture_example(tensors, {k: self._token_dims(k) for k in tensors})
+            self._compiled[key] = self._compile({**example, **settings}, n, len(self._compiled))
+        self._last_n = self._last_n or n
         self._last_key = key
         return self._compiled[key]
 
@@ -127,7 +132,7 @@ class DisaggregatedModel:
         return key
 
     def _compile(self, example, n_tokens: int, index: int) -> Compiled:
-        cap = capture(self.model, example, max_len=self.max_len)
+        cap = self._capture(example)
         ctx = PassContext(seq=cap.seq, config=self.config)
         dump_dir = None
         if self.config.dump_dir:
@@ -141,6 +146,12 @@ class DisaggregatedModel:
             ctx.dumper.programs(gm, programs, ctx)
             ctx.dumper.plan(self.plan_for(n_tokens), self._schedule_traffic(programs, n_tokens))
         return compiled
+
+    def _capture(self, example) -> Captured:
+        return capture(self.model, example, max_len=self.max_len)
+
+    def _token_dims(self, name: str) -> tuple[int, ...]:
+        return (1,)
 
     def plan_for(self, n: int) -> Plan:
         return self._plan_for_step(n, None)
@@ -228,7 +239,7 @@ class DisaggregatedModel:
         with self._lock:
             compiled = self.prepare(kwargs)
             flat = flat_inputs(compiled.captured, kwargs)
-            n = flat[0].shape[1]
+            n = compiled.captured.length(flat)
             self._last_n = n
             outs = self._run(compiled.programs, n, flat)
         if outs is None:          # torchrun: only rank 0 returns the outputs
@@ -275,7 +286,7 @@ class DisaggregatedModel:
             if past + n > cache.max_len:
                 raise InputError(f"{past} cached + {n} new tokens exceed the cache's max_len "
                                  f"{cache.max_len} (option max_cache_len)")
-            if past and (self._runtime is None or cache.epoch != self._epoch):
+            if past and (self._runtime is None or cache.epoch != self._workers.epoch):
                 raise InputError("the workers that held this cache were stopped (close() or a "
                                  "failure); start again from the prompt with a new cache")
             compiled = self.prepare(new)
@@ -283,7 +294,7 @@ class DisaggregatedModel:
             drop, self._released_caches[:] = tuple(self._released_caches), []
             step = CacheStep(cache.cache_id, EXTEND if past else FILL, past, drop)
             outs = self._run(compiled.programs, n, flat, step)
-            cache.seq_length, cache.epoch = past + n, self._epoch
+            cache.seq_length, cache.epoch = past + n, self._workers.epoch
         if outs is None:
             return None
         return pytree.tree_unflatten(outs, compiled.captured.out_spec)
@@ -296,23 +307,12 @@ class DisaggregatedModel:
         return plan_for_call(self._plans, n, c.alpha, c.beta, c.sharding, past)
 
     def _run(self, programs, n, flat, step=None):
-        from fxdisagg.runtime import make_runtime
-        if self._runtime is None:
-            self._runtime = make_runtime(self.config, _device(self.model))
-            self._epoch += 1
-        try:
-            return self._runtime.run(programs, self._plan_for_step(n, step), flat, step)
-        except BaseException:
-            if self.config.launch != "torchrun":   # failed or interrupted: its workers can not
-                self.close()                       # serve another call; the next starts fresh
-            raise
+        return self._workers.run(programs, self._plan_for_step(n, step), flat, step)
 
     def close(self) -> None:
         """Stop the workers (spawn, inprocess) or leave the process group fxdisagg created
         (torchrun)."""
-        if self._runtime is not None:
-            self._runtime.close()
-            self._runtime = None
+        self._workers.close()
 
     def __enter__(self):
         return self
@@ -342,14 +342,21 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-def _capture_example(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _capture_example(inputs: dict[str, torch.Tensor], token_dims: dict[str, tuple[int, ...]]
+                     ) -> dict[str, torch.Tensor]:
     """Inputs to trace with: at least 8 tokens (export specialises lengths 0 and 1), made by
-    tiling the user's tokens, so names, dtypes, devices and batch match the calls."""
-    n = next(iter(inputs.values())).shape[1]
-    if n >= 8:
-        return {k: v.clone() for k, v in inputs.items()}  # a view would leak its base's size
-    reps = -(-8 // n)
-    return {k: v.repeat(1, reps, *([1] * (v.dim() - 2)))[:, :8].contiguous() for k, v in inputs.items()}
+    tiling the user's tokens along each input's token dims, so names, dtypes, devices and
+    batch match the calls."""
+    out = {}
+    for k, v in inputs.items():
+        for d in token_dims[k]:
+            n = v.shape[d]
+            if n < 8:
+                reps = [1] * v.dim()
+                reps[d] = -(-8 // n)
+                v = v.repeat(*reps).narrow(d, 0, 8)
+        out[k] = v.clone(memory_format=torch.contiguous_format)  # a view leaks its base's size
+    return out
 
 
 def _auto_grid(model, example_inputs, options: dict) -> tuple[int, int]:

@@ -40,6 +40,15 @@ class Captured:
     seq: sympy.Symbol                # the symbol of the sequence length
     batch: int
     max_len: int
+    token_dims: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def dims_of(self, name: str) -> tuple[int, ...]:
+        """The token dims of input ``name``: dim 1 (HF's inputs) unless the capture says."""
+        return self.token_dims.get(name, (1,))
+
+    def length(self, flat) -> int:
+        """The token count of a call's flat inputs."""
+        return flat[0].shape[self.dims_of(self.input_names[0])[0]]
 
 
 def check_inference(model: torch.nn.Module, inputs: dict[str, Any]) -> None:
@@ -54,18 +63,22 @@ def check_inference(model: torch.nn.Module, inputs: dict[str, Any]) -> None:
                 f"Pass a detached tensor (x.detach()) or run under torch.no_grad().")
 
 
-def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len: int) -> Captured:
-    """Export ``model(**example, use_cache=False)`` with a dynamic token dim."""
+def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len: int,
+            token_dims: dict[str, tuple[int, ...]] | None = None) -> Captured:
+    """Export ``model(**example, use_cache=False)`` with a dynamic token dim: dim 1 of
+    every tensor input HF names (`TOKEN_INPUTS`), or the dims ``token_dims`` gives per
+    input (the torch.compile front end's graphs)."""
     check_inference(model, example)
     tensors = {k: v for k, v in example.items() if isinstance(v, torch.Tensor)}
-    unknown = [k for k in tensors if k not in TOKEN_INPUTS]
+    known = token_dims if token_dims is not None else dict.fromkeys(TOKEN_INPUTS, (1,))
+    unknown = [k for k in tensors if k not in known]
     if unknown:
         raise InputError(f"inputs {unknown} are not token-indexed inputs fxdisagg knows "
-                         f"({', '.join(TOKEN_INPUTS)}); pass only those as tensors")
+                         f"({', '.join(known)}); pass only those as tensors")
     n_dim = torch.export.Dim("N", min=1, max=max_len)
     settings = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor) and v is not None}
     kwargs = {**tensors, **settings}     # settings (logits_to_keep=1, ...) are baked in
-    dynamic = {k: ({1: n_dim} if k in tensors else None) for k in kwargs}
+    dynamic = {k: (dict.fromkeys(known[k], n_dim) if k in tensors else None) for k in kwargs}
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
         dynamic["use_cache"] = None
@@ -82,7 +95,8 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len
     out_spec = ep.call_spec.out_spec
     seq = _seq_symbol(gm)
     batch = next(iter(tensors.values())).shape[0]
-    return Captured(gm, names, constants, out_spec, seq, batch, max_len)
+    return Captured(gm, names, constants, out_spec, seq, batch, max_len,
+                    {k: known[k] for k in names} if token_dims is not None else {})
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -115,9 +129,9 @@ def _flatten_placeholders(gm: fx.GraphModule, names: tuple[str, ...]) -> tuple[s
 
 def _seq_symbol(gm: fx.GraphModule) -> sympy.Symbol:
     for node in gm.graph.find_nodes(op="placeholder"):
-        size = node.meta["val"].shape[1]
-        if isinstance(size, torch.SymInt):
-            return size.node.expr
+        for size in node.meta["val"].shape:
+            if isinstance(size, torch.SymInt):
+                return size.node.expr
     raise CaptureError("the capture did not keep the sequence dimension dynamic")
 
 
@@ -170,12 +184,16 @@ def flat_inputs(cap: Captured, kwargs: dict[str, Any], past: int = 0) -> list[to
         if k in kwargs and kwargs[k] != v:
             raise InputError(f"{k}={kwargs[k]!r} differs from the captured {k}={v!r}")
     flat = [kwargs[k] for k in cap.input_names]
-    n = flat[0].shape[1]
+    n = None
     for k, t in zip(cap.input_names, flat):
-        if not isinstance(t, torch.Tensor) or t.dim() < 2:
-            raise InputError(f"input {k!r} must be a [batch, seq, ...] tensor, got {type(t).__name__}")
-        if t.shape[1] != n:
-            raise InputError(f"input {k!r} has {t.shape[1]} tokens but {cap.input_names[0]!r} has {n}")
+        dims = cap.dims_of(k)
+        if not isinstance(t, torch.Tensor) or t.dim() <= max(dims):
+            raise InputError(f"input {k!r} must be a tensor with token dims {dims}, got "
+                             f"{describe(t)}")
+        n = t.shape[dims[0]] if n is None else n
+        if any(t.shape[d] != n for d in dims):
+            raise InputError(f"input {k!r} has {[t.shape[d] for d in dims]} tokens but "
+                             f"{cap.input_names[0]!r} has {n}")
         if t.requires_grad:
             raise InferenceOnlyError(f"input {k!r} requires grad; fxdisagg runs inference only for now")
     if not 1 <= past + n <= cap.max_len:

@@ -122,9 +122,9 @@ def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
     """Match backwards and forwards from a softmax over the last (key) dim."""
     a = args_of(softmax)
     x, dim = a["self"], a["dim"]
-    if not is_tensor(x) or not seq_dims(x, ctx.seq):
-        return  # not over tokens: a softmax inside an MLP or a router is not attention
-    if dim not in (-1, val(x).dim() - 1) or (val(x).dim() - 1) not in seq_dims(x, ctx.seq):
+    if not is_tensor(x) or dim % val(x).dim() not in seq_dims(x, ctx.seq):
+        return  # not over tokens (a vocabulary, a router's experts): token-local, not attention
+    if dim % val(x).dim() != val(x).dim() - 1:
         raise PatternError(f"find_attention: {describe_node(softmax)} is a softmax over tokens "
                            f"but not over the last (key) dim; this attention spelling is not "
                            f"supported")
