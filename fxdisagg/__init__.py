@@ -9,9 +9,9 @@ from fxdisagg import kernels as _kernels  # noqa: F401  (registers fxdisagg::par
 from fxdisagg.api import DisaggregatedModel, compile  # noqa: A004
 from fxdisagg.errors import (ConfigError, FxDisaggError, FxDisaggWorkerError, InferenceOnlyError,
                              InputError, PatternError, TokenLocalityError, UnsupportedMaskError,
-                             WorkerError)
+                             VerifyError, WorkerError)
 from fxdisagg.plan import Plan
 
 __all__ = ["compile", "DisaggregatedModel", "Plan", "FxDisaggError", "FxDisaggWorkerError",
            "ConfigError", "InputError", "InferenceOnlyError", "PatternError",
-           "TokenLocalityError", "UnsupportedMaskError", "WorkerError"]
+           "TokenLocalityError", "UnsupportedMaskError", "VerifyError", "WorkerError"]

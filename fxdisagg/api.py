@@ -44,7 +44,8 @@ def compile(model: torch.nn.Module, alpha: int = 1, beta: int = 1, *, example_in
     options: ``max_len`` (largest sequence length, default from the model config),
         ``kernel`` ("torch" | "triton" | "reference"; default by device), ``timeout``
         (seconds a worker may make no progress), ``cache_size`` (per-length Plans and
-        schedules kept). All of it becomes one frozen `fxdisagg.config.Config`.
+        schedules kept), ``verify`` (True or a tolerance: compare every layer's hidden
+        state with the unmodified model on the first call of each capture, `fxdisagg.verify`). All of it becomes one frozen `fxdisagg.config.Config`.
     """
     if "auto" in (alpha, beta):
         alpha, beta = _auto_grid(model, example_inputs, options)
@@ -83,6 +84,7 @@ class DisaggregatedModel:
         self._last_key = None
         self._workers = workers or Workers(config, _device(model))
         self._released_caches: list[int] = []
+        self._verified: set[int] = set()     # ids of the Compiled whose first call verify ran
         self._lock = threading.RLock()
 
     alpha = property(lambda self: self.config.alpha)
@@ -236,6 +238,25 @@ class DisaggregatedModel:
         cache = kwargs.pop("cache", None)
         if cache is not None:
             return self._call_cached(cache, kwargs)
+        if self.config.verify is not False:
+            self._verify_first(kwargs)
+        return self._call(kwargs)
+
+    def _verify_first(self, kwargs) -> None:
+        from fxdisagg.verify import verify_call
+        with self._lock:
+            compiled = self.prepare(kwargs)
+            if id(compiled) in self._verified:
+                return
+            self._verified.add(id(compiled))
+            tolerance = None if self.config.verify is True else self.config.verify
+            try:
+                verify_call(self, kwargs, tolerance)
+            except BaseException:
+                self._verified.discard(id(compiled))
+                raise
+
+    def _call(self, kwargs):
         with self._lock:
             compiled = self.prepare(kwargs)
             flat = flat_inputs(compiled.captured, kwargs)

@@ -22,7 +22,9 @@ class Config:
     by device); max_len: largest sequence length of the capture (None: the model config's);
     timeout: seconds a worker may make no progress; dump_dir: where dumps go (None: off);
     cache_size: per-length Plans and schedules kept, least recently used first out;
-    max_cache_len: most tokens (prompt and generated) one KV cache holds (None: max_len).
+    max_cache_len: most tokens (prompt and generated) one KV cache holds (None: max_len);
+    verify: compare every layer with the unmodified model on the first call of each capture
+    (True: tolerance by dtype; a float: that relative tolerance; `fxdisagg.verify`).
     """
 
     alpha: int = 1
@@ -36,6 +38,7 @@ class Config:
     dump_dir: str | None = None
     cache_size: int = 32
     max_cache_len: int | None = None
+    verify: bool | float = False
 
     def __post_init__(self):
         validate_degrees(self.alpha, self.beta, self.tp)
@@ -52,6 +55,9 @@ class Config:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        if not (isinstance(self.verify, bool) or (isinstance(self.verify, float) and self.verify > 0)):
+            raise ConfigError(f"verify must be True, False or a relative tolerance > 0 "
+                              f"(a float), got {self.verify!r}")
 
     @property
     def world(self) -> int:
@@ -60,7 +66,7 @@ class Config:
     @staticmethod
     def of(alpha, beta, *, tp=1, sharding="r", launch=None, dump_dir=None, **options) -> "Config":
         """From `fxdisagg.compile`'s arguments; unknown options raise ConfigError."""
-        known = {"max_len", "kernel", "timeout", "cache_size", "max_cache_len"}
+        known = {"max_len", "kernel", "timeout", "cache_size", "max_cache_len", "verify"}
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"unknown options {sorted(unknown)}; known: {sorted(known)}")

@@ -185,6 +185,17 @@ class DynamoGraph(DisaggregatedModel):
 
     as_traced = False       # no attention matched: the graph runs as Dynamo traced it
 
+    def _verify_first(self, kwargs) -> None:
+        """verify: the graph's outputs against the graph run as traced (a Dynamo graph
+        has no per-layer hidden states to compare)."""
+        from fxdisagg.verify import verify_outputs
+        compiled = self.prepare(kwargs)
+        if id(compiled) not in self._verified:
+            tolerance = None if self.config.verify is True else self.config.verify
+            verify_outputs(f"Dynamo graph {self.model.graph_id}", self._call(kwargs),
+                           self.model(**kwargs), tolerance)
+            self._verified.add(id(compiled))
+
     @torch.compiler.disable
     def run_flat(self, *args):
         """What Dynamo calls: the graph's placeholders in order -> its outputs. Dynamo is

@@ -45,6 +45,10 @@ class KernelError(FxDisaggError, ValueError):
     """Bad arguments to a kernel: shapes, dtypes, devices, backend."""
 
 
+class VerifyError(FxDisaggError):
+    """verify=True found a layer whose hidden state differs from the unmodified model's."""
+
+
 class WorkerError(FxDisaggError):
     """A worker (CompNode or AttnNode) raised or died; names rank, role and layer."""
 

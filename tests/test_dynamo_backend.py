@@ -173,3 +173,16 @@ def test_backend_found_in_a_fresh_interpreter_without_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_verify_option_checks_each_graph_against_its_traced_run():
+    model = tiny_model("gpt2")
+    compiled = torch.compile(model, backend="fxdisagg", options={"alpha": 2, "beta": 2,
+                                                                 "launch": "inprocess",
+                                                                 "verify": True})
+    _check(compiled, model, "gpt2", [14])
+    strict = torch.compile(tiny_model("gpt2"), backend="fxdisagg",
+                           options={"launch": "inprocess", "verify": 1e-15, "beta": 2})
+    with pytest.raises(Exception, match=r"verify: output \d+ of Dynamo graph .* differs"):
+        with torch.no_grad():
+            strict(**inputs("gpt2", 2, 14))
