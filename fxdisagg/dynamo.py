@@ -13,14 +13,18 @@ with a dynamic token dim, the passes, `lower`, the runtime. Only the front end d
   dim 1 as HF's are. Size placeholders (``s0``) are read off the tensors they came from.
 - **Dynamic from the first graph.** By default Dynamo specialises the first graph to the
   length it saw (the constants are baked into its code), so no pass could serve another
-  length. Before compiling a graph with a static token dim, the backend marks dim 1 of its
-  inputs ``maybe_mark_dynamic`` and asks Dynamo to trace the frame again
+  length. Before compiling a graph whose inputs have unmarked dims, the backend marks them
+  ``maybe_mark_dynamic`` on the user's tensors (every dim but the batch; soft, so a dim the
+  graph pins, like a hidden size, stays static) and asks Dynamo to trace the frame again
   (``TensorifyScalarRestartAnalysis``, the restart Dynamo lets backends raise). The retrace
-  has the length as a symbol; a new length then reuses the graph: no recompile at all,
-  where Dynamo's own automatic dynamic would recompile once.
+  has the length as a symbol, so a new length reuses the graph: no recompile, where Dynamo's
+  own automatic dynamic would recompile once. The token dims of each input are its symbolic
+  dims as long as the tokens (`_token_dims`). A length-1 call is specialised by Dynamo (it
+  never makes 1 symbolic); the symbolic graph of the same frame serves it.
 - **Graph breaks.** Each graph is handled alone: one that contains attention is
   disaggregated, one that does not (the code after a break, a sampling step) is returned
-  to Dynamo to run as it is.
+  to Dynamo to run as it is. A piece after a break inside the layer stack takes hidden
+  states that eager code made; they are marked like the model's inputs.
 - **One set of workers.** All graphs of one compiled model share one `Workers` (the
   runtime loads each graph's programs once). A compiled model is identified by its
   ``options`` dict, which torch.compile passes to every graph of that model; the workers
@@ -100,10 +104,9 @@ def backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
         raise ConfigError(f"mode={mode!r} is an Inductor setting; fxdisagg takes "
                           f"options={{'alpha': ..., 'beta': ...}}")
     slots = _slots(gm)
-    symbolic = _token_dim_symbolic(gm, slots)
-    if not symbolic and _mark_dynamic(slots, example_inputs):
+    if _mark_dynamic(slots, example_inputs):
         raise torch._dynamo.exc.TensorifyScalarRestartAnalysis(
-            "fxdisagg: trace again with the token dim dynamic")
+            "fxdisagg: trace again with the token dims dynamic")
     if not _may_have_attention(gm):
         log.info("fxdisagg: Dynamo graph %s has no attention; it runs as traced", _graph_id(gm))
         return gm.forward
@@ -115,8 +118,9 @@ def backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
                            f"or use fxdisagg.compile")
     session = _session(options)
     key = _graph_key(gm, slots)
-    if symbolic:
-        module = _GraphModule(gm, slots, example_inputs)
+    token_dims, untokened = _token_dims(gm, slots)
+    if not untokened:
+        module = _GraphModule(gm, slots, example_inputs, token_dims)
         session.workers.device = session.workers.device or _device(module)
         graph = session.graphs[key] = DynamoGraph(module, session)
         session.stop_with(example_inputs)
@@ -126,8 +130,9 @@ def backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
     sibling = session.graphs.get(key)
     if sibling is not None:
         return functools.partial(_run_on, sibling, gm, slots)
-    log.warning("fxdisagg: Dynamo graph %s was first traced with one token; it runs as "
-                "traced until a call with more tokens compiles it", _graph_id(gm))
+    log.warning("fxdisagg: Dynamo graph %s runs as traced, not disaggregated: its inputs %s "
+                "have no dynamic token dim (a first call with one token, or a value made "
+                "outside the compiled code)", _graph_id(gm), untokened)
     return gm.forward
 
 
@@ -221,13 +226,13 @@ class _GraphModule(torch.nn.Module):
     """A Dynamo graph as a module torch.export can trace: state held as buffers (or plain
     attributes for non-tensors), sizes read off the inputs, call inputs by name."""
 
-    def __init__(self, gm: fx.GraphModule, slots: list[tuple], example_inputs):
+    def __init__(self, gm: fx.GraphModule, slots: list[tuple], example_inputs, token_dims: dict):
         super().__init__()
         self.graph_module, self.slots = gm, slots
         self.input_names = tuple(s[1] for s in slots if s[0] == "input")
-        self.token_dims = _token_dims(gm, slots)
+        self.token_dims = token_dims
         self.graph_id = _graph_id(gm)
-        self.max_len = _max_len(gm, slots)
+        self.max_len = _max_len(gm, slots, token_dims)
         for (kind, name, *_), value in zip(slots, example_inputs):
             if kind == "state" and isinstance(value, torch.Tensor):
                 self.register_buffer(name, value.detach(), persistent=False)
@@ -309,46 +314,35 @@ def _state_name(source: str, fallback: str) -> str:
     return name if name and name.isidentifier() else fallback
 
 
-def _token_dims(gm, slots) -> dict[str, tuple[int, ...]]:
+def _token_dims(gm, slots) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """Per call input, its token dims: the symbolic dims as long as the first symbolic dim
     after the batch (dim 0 of a vector) of the first input that has one. Dynamo gives each
     input its own symbol (``input_ids`` s0, ``attention_mask`` s1), equal at trace time; a
     dim left free but not tokens (a vocabulary after a graph break) has another length and
-    stays static."""
+    stays static. Also the inputs without a token dim (none: the graph can be captured)."""
     inputs = [(s[1], v) for s, v in zip(slots, _examples(gm)) if s[0] == "input"]
     n = next((_hint(x) for _, v in inputs for x in v.shape[v.dim() > 1:]
               if isinstance(x, torch.SymInt)), None)
-    dims = {}
-    for name, v in inputs:
-        dims[name] = tuple(d for d, x in enumerate(v.shape)
-                           if isinstance(x, torch.SymInt) and _hint(x) == n)
-        if not dims[name]:
-            raise CaptureError(f"fxdisagg: Dynamo graph {_graph_id(gm)} takes {name} "
-                               f"{tuple(v.shape)}, which has no token dim; fxdisagg's inputs "
-                               f"are token-indexed. Avoid the graph break before it, or use "
-                               f"fxdisagg.compile")
-    return dims
+    dims = {name: tuple(d for d, x in enumerate(v.shape)
+                        if isinstance(x, torch.SymInt) and _hint(x) == n)
+            for name, v in inputs}
+    return dims, [name for name, d in dims.items() if not d]
 
 
 def _hint(x: torch.SymInt) -> int:
     return x.node.hint
 
 
-def _token_dim_symbolic(gm, slots) -> bool:
-    return any(s[0] == "input" and any(isinstance(n, torch.SymInt) for n in v.shape)
-               for s, v in zip(slots, _examples(gm)))
-
-
 #: the largest length of a graph whose token range Dynamo left unbounded
 UNBOUNDED_MAX_LEN = 1 << 20
 
 
-def _max_len(gm, slots) -> int:
+def _max_len(gm, slots, token_dims) -> int:
     """The largest token count Dynamo's shape environment allows the graph (BERT's
     position table bounds it at max_position_embeddings)."""
     for s, v in zip(slots, _examples(gm)):
-        if s[0] == "input" and v.dim() >= 2 and isinstance(v.shape[1], torch.SymInt):
-            node = v.shape[1].node
+        if s[0] == "input":
+            node = v.shape[token_dims[s[1]][0]].node
             upper = node.shape_env.bound_sympy(node.expr).upper
             return int(upper) if isinstance(upper, sympy.Integer) else UNBOUNDED_MAX_LEN
     return UNBOUNDED_MAX_LEN

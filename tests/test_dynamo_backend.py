@@ -120,10 +120,7 @@ def test_graph_break_after_the_model():
     assert sorted(g.as_traced for g in graphs) == [False, True]
 
 
-def test_graph_break_inside_the_layer_stack_is_a_clear_error():
-    """A known limit: a piece that starts inside the layer stack takes hidden states whose
-    token dim Dynamo kept static; the error names the graph, the input and what to do."""
-    model = tiny_model("llama", layers=2)
+def _break_after_layer_0(model):
     layer = model.model.layers[0]
     forward = layer.forward
 
@@ -133,11 +130,35 @@ def test_graph_break_inside_the_layer_stack_is_a_clear_error():
         return out
 
     layer.forward = broken
+    return model
+
+
+def test_graph_break_inside_the_layer_stack_disaggregates_each_piece():
+    """The pieces after the break take hidden states made outside the compiled code; their
+    token dims are made dynamic too, and each layer's piece is disaggregated on its own."""
+    model = _break_after_layer_0(tiny_model("llama", layers=2))
     compiled = torch.compile(model, backend="fxdisagg", options={"alpha": 2, "beta": 2,
                                                                  "launch": "inprocess"})
-    with pytest.raises(Exception, match="which has no token dim.*Avoid the graph break"):
+    for n in (10, 17, 1, 6):
+        kw = inputs("llama", 2, n, padding=False)
         with torch.no_grad():
-            compiled(**inputs("llama", 2, 10, padding=False))
+            out = compiled(**kw)
+        assert rel_error(out[0], reference(model, kw), kw) <= FP32_TOL, n
+    pieces = [g for g in fxdisagg.dynamo.graphs() if not g.as_traced]
+    assert sorted(g.counts["lower.exchanges"] for g in pieces) == [1, 1]
+    assert all(g.traffic == g.expected_traffic(6, 2) for g in pieces), "both ran on AttnNodes"
+
+
+def test_dense_mask_between_pieces_is_refused_with_a_typed_error():
+    """A padded batch makes HF pass a dense [B, 1, N, N] mask into the piece after the
+    break: a mask fxdisagg can not classify into per-token features is refused, never
+    replaced."""
+    model = _break_after_layer_0(tiny_model("llama", layers=2))
+    compiled = torch.compile(model, backend="fxdisagg", options={"alpha": 2, "beta": 2,
+                                                                 "launch": "inprocess"})
+    with pytest.raises(fxdisagg.UnsupportedMaskError, match="is not a per-token tensor"):
+        with torch.no_grad():
+            compiled(**inputs("llama", 2, 10, padding=True))
 
 
 def test_mode_is_refused_with_a_reason():
