@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import pathlib
+import dataclasses
 import functools
 import re
 import threading
@@ -177,7 +179,11 @@ class DynamoGraph(DisaggregatedModel):
     inputs are the graph's token-indexed ones."""
 
     def __init__(self, module: "_GraphModule", session: _Session):
-        super().__init__(module, session.config, session.workers)
+        config = session.config
+        if config.dump_dir:           # one directory per graph: graphs must not overwrite
+            sub = f"dynamo_graph_{module.graph_id.replace('/', '_')}"
+            config = dataclasses.replace(config, dump_dir=str(pathlib.Path(config.dump_dir, sub)))
+        super().__init__(module, config, session.workers)
         self.session = session                     # keeps the workers' owner alive
         self.max_len = min(session.config.max_len or module.max_len, module.max_len)
 
@@ -232,6 +238,7 @@ class _GraphModule(torch.nn.Module):
         self.input_names = tuple(s[1] for s in slots if s[0] == "input")
         self.token_dims = token_dims
         self.graph_id = _graph_id(gm)
+        self.display_name = f"Dynamo graph {self.graph_id}"
         self.max_len = _max_len(gm, slots, token_dims)
         for (kind, name, *_), value in zip(slots, example_inputs):
             if kind == "state" and isinstance(value, torch.Tensor):

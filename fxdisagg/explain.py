@@ -143,7 +143,7 @@ def explain(dm, n_tokens: int | None = None) -> str:
     traffic = dm.expected_traffic(n, batch)
     config = dm.config
     sections = [
-        [f"fxdisagg: {type(dm.model).__name__}, alpha={config.alpha}, beta={config.beta}, "
+        [f"fxdisagg: {getattr(dm.model, 'display_name', type(dm.model).__name__)}, alpha={config.alpha}, beta={config.beta}, "
          f"sharding={config.sharding!r}, batch {batch}, {n} tokens"],
         attention_sites(compiled),
         where_ops_run(compiled, config.alpha, config.beta),

@@ -133,12 +133,13 @@ def _break_after_layer_0(model):
     return model
 
 
-def test_graph_break_inside_the_layer_stack_disaggregates_each_piece():
+def test_graph_break_inside_the_layer_stack_disaggregates_each_piece(tmp_path):
     """The pieces after the break take hidden states made outside the compiled code; their
     token dims are made dynamic too, and each layer's piece is disaggregated on its own."""
     model = _break_after_layer_0(tiny_model("llama", layers=2))
     compiled = torch.compile(model, backend="fxdisagg", options={"alpha": 2, "beta": 2,
-                                                                 "launch": "inprocess"})
+                                                                 "launch": "inprocess",
+                                                                 "dump_dir": tmp_path})
     for n in (10, 17, 1, 6):
         kw = inputs("llama", 2, n, padding=False)
         with torch.no_grad():
@@ -147,6 +148,10 @@ def test_graph_break_inside_the_layer_stack_disaggregates_each_piece():
     pieces = [g for g in fxdisagg.dynamo.graphs() if not g.as_traced]
     assert sorted(g.counts["lower.exchanges"] for g in pieces) == [1, 1]
     assert all(g.traffic == g.expected_traffic(6, 2) for g in pieces), "both ran on AttnNodes"
+    assert pieces[0]._workers is pieces[1]._workers, "the pieces share one set of workers"
+    dumps = sorted(d.name for d in tmp_path.iterdir())
+    assert len(dumps) == 2 and all((tmp_path / d / "capture0" / "plan.txt").exists() for d in dumps)
+    assert pieces[0].explain().startswith(f"fxdisagg: Dynamo graph {pieces[0].model.graph_id},")
 
 
 def test_dense_mask_between_pieces_is_refused_with_a_typed_error():
