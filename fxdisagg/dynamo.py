@@ -35,11 +35,11 @@ Inference only: the graphs run under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import logging
 import pathlib
-import dataclasses
-import functools
 import re
 import threading
 import types
@@ -112,6 +112,12 @@ def backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
     if not _may_have_attention(gm):
         log.info("fxdisagg: Dynamo graph %s has no attention; it runs as traced", _graph_id(gm))
         return gm.forward
+    if any(n.op == "call_method" and n.target == "item" for n in gm.graph.nodes):
+        raise ConfigError(f"fxdisagg: Dynamo graph {_graph_id(gm)} reads tensor values with "
+                          f".item() (torch.compile(dynamic=True) turns float attributes such "
+                          f"as a softmax scale into tensors read that way), which torch.export "
+                          f"can not trace. Leave dynamic at its default: fxdisagg makes the "
+                          f"token dims dynamic itself")
     python = [s[2] for s in slots if s[0] == "python"]
     if python:
         raise CaptureError(f"fxdisagg: Dynamo graph {_graph_id(gm)} has attention and takes "
@@ -133,8 +139,8 @@ def backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
     if sibling is not None:
         return functools.partial(_run_on, sibling, gm, slots)
     log.warning("fxdisagg: Dynamo graph %s runs as traced, not disaggregated: its inputs %s "
-                "have no dynamic token dim (a first call with one token, or a value made "
-                "outside the compiled code)", _graph_id(gm), untokened)
+                "have no dynamic token dim (a first call with one token, or "
+                "torch.compile(dynamic=False))", _graph_id(gm), untokened)
     return gm.forward
 
 
@@ -178,6 +184,8 @@ class DynamoGraph(DisaggregatedModel):
     """One Dynamo graph, disaggregated: `DisaggregatedModel` over a `_GraphModule` whose
     inputs are the graph's token-indexed ones."""
 
+    as_traced = False       # no attention matched: the graph runs as Dynamo traced it
+
     def __init__(self, module: "_GraphModule", session: _Session):
         config = session.config
         if config.dump_dir:           # one directory per graph: graphs must not overwrite
@@ -193,8 +201,6 @@ class DynamoGraph(DisaggregatedModel):
 
     def _token_dims(self, name: str) -> tuple[int, ...]:
         return self.model.token_dims[name]
-
-    as_traced = False       # no attention matched: the graph runs as Dynamo traced it
 
     def _verify_first(self, kwargs) -> None:
         """verify: the graph's outputs against the graph run as traced (a Dynamo graph
@@ -234,16 +240,20 @@ class _GraphModule(torch.nn.Module):
 
     def __init__(self, gm: fx.GraphModule, slots: list[tuple], example_inputs, token_dims: dict):
         super().__init__()
-        self.graph_module, self.slots = gm, slots
+        self.graph_module, self.slots = gm, [list(s) for s in slots]
         self.input_names = tuple(s[1] for s in slots if s[0] == "input")
         self.token_dims = token_dims
         self.graph_id = _graph_id(gm)
         self.display_name = f"Dynamo graph {self.graph_id}"
         self.max_len = _max_len(gm, slots, token_dims)
-        for (kind, name, *_), value in zip(slots, example_inputs):
-            if kind == "state" and isinstance(value, torch.Tensor):
+        for i, ((kind, name, *_), value) in enumerate(zip(slots, example_inputs)):
+            if kind != "state":
+                continue
+            if hasattr(self, name):      # a name taken (by nn.Module or another state)
+                name = self.slots[i][1] = f"state_{i}"
+            if isinstance(value, torch.Tensor):
                 self.register_buffer(name, value.detach(), persistent=False)
-            elif kind == "state":
+            else:
                 setattr(self, name, value)
         self.eval()
         # export binds inputs by forward's parameter names: give this instance's forward

@@ -212,3 +212,11 @@ def test_verify_option_checks_each_graph_against_its_traced_run():
     with pytest.raises(Exception, match=r"verify: output \d+ of Dynamo graph .* differs"):
         with torch.no_grad():
             strict(**inputs("gpt2", 2, 14))
+
+
+def test_dynamic_true_is_refused_with_what_to_do():
+    compiled = torch.compile(tiny_model("llama"), backend="fxdisagg", dynamic=True,
+                             options={"launch": "inprocess"})
+    with pytest.raises(Exception, match="Leave dynamic at its default"):
+        with torch.no_grad():
+            compiled(**inputs("llama", 2, 9))
