@@ -135,7 +135,8 @@ class DisaggregatedModel:
 
     def _compile(self, example, n_tokens: int, index: int) -> Compiled:
         cap = self._capture(example)
-        ctx = PassContext(seq=cap.seq, config=self.config)
+        self.max_len = min(self.max_len, cap.max_len)     # the model's code may allow fewer
+        ctx = PassContext(seq=cap.seq, config=self.config, warnings=list(cap.notes))
         dump_dir = None
         if self.config.dump_dir:
             from fxdisagg.dump import Dumper

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Any
 
 import sympy
@@ -41,6 +42,7 @@ class Captured:
     batch: int
     max_len: int
     token_dims: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()        # what the capture decided that the user should know
 
     def dims_of(self, name: str) -> tuple[int, ...]:
         """The token dims of input ``name``: dim 1 (HF's inputs) unless the capture says."""
@@ -75,19 +77,26 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len
     if unknown:
         raise InputError(f"inputs {unknown} are not token-indexed inputs fxdisagg knows "
                          f"({', '.join(known)}); pass only those as tensors")
-    n_dim = torch.export.Dim("N", min=1, max=max_len)
     settings = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor) and v is not None}
     kwargs = {**tensors, **settings}     # settings (logits_to_keep=1, ...) are baked in
-    dynamic = {k: (dict.fromkeys(known[k], n_dim) if k in tensors else None) for k in kwargs}
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
-        dynamic["use_cache"] = None
+    notes = []
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+        ep = _export(model, kwargs, {k: known[k] for k in tensors}, max_len)
     except Exception as e:  # noqa: BLE001 - re-raised typed, with the cause attached
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
-                           f"{type(e).__name__}: {str(e)[:2000]}") from e
+        limit = _proposed_max_len(e)
+        if limit is None or not 1 <= limit < max_len:
+            raise _capture_error(model, e) from e
+        notes.append(f"capture: the model's code allows at most {limit} tokens (torch.export "
+                     f"found the guard and proposed it), fewer than max_len={max_len}; "
+                     f"captured for 1..{limit}")
+        log.warning("%s", notes[-1])
+        max_len = limit
+        try:
+            ep = _export(model, kwargs, {k: known[k] for k in tensors}, max_len)
+        except Exception as e2:  # noqa: BLE001
+            raise _capture_error(model, e2) from e2
     gm = ep.module()
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     names = _flatten_placeholders(gm, tuple(kwargs))
@@ -96,7 +105,26 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len
     seq = _seq_symbol(gm)
     batch = next(iter(tensors.values())).shape[0]
     return Captured(gm, names, constants, out_spec, seq, batch, max_len,
-                    {k: known[k] for k in names} if token_dims is not None else {})
+                    {k: known[k] for k in names} if token_dims is not None else {}, tuple(notes))
+
+
+def _export(model, kwargs: dict, token_dims: dict, max_len: int):
+    n_dim = torch.export.Dim("N", min=1, max=max_len)
+    dynamic = {k: (dict.fromkeys(token_dims[k], n_dim) if k in token_dims else None) for k in kwargs}
+    with torch.no_grad():
+        return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _proposed_max_len(e: Exception) -> int | None:
+    """The upper bound torch.export proposes for N when the model's code guards the length
+    below the range asked for (``Suggested fixes: N = Dim('N', max=512)``), else None."""
+    m = re.search(r"N = Dim\('N', max=(\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def _capture_error(model, e: Exception) -> CaptureError:
+    return CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                        f"{type(e).__name__}: {str(e)[:2000]}")
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -197,6 +225,8 @@ def flat_inputs(cap: Captured, kwargs: dict[str, Any], past: int = 0) -> list[to
         if t.requires_grad:
             raise InferenceOnlyError(f"input {k!r} requires grad; fxdisagg runs inference only for now")
     if not 1 <= past + n <= cap.max_len:
+        fix = (f"the model's code allows at most {cap.max_len} tokens" if cap.notes else
+               f"recompile with max_len >= {past + n}")
         raise InputError(f"sequence length {past + n} is outside the captured range "
-                         f"[1, {cap.max_len}]; recompile with max_len >= {past + n}")
+                         f"[1, {cap.max_len}]; {fix}")
     return flat

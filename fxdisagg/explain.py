@@ -142,9 +142,11 @@ def explain(dm, n_tokens: int | None = None) -> str:
     plan = dm.plan_for(n)
     traffic = dm.expected_traffic(n, batch)
     config = dm.config
+    name = getattr(dm.model, "display_name", type(dm.model).__name__)
     sections = [
-        [f"fxdisagg: {getattr(dm.model, 'display_name', type(dm.model).__name__)}, alpha={config.alpha}, beta={config.beta}, "
-         f"sharding={config.sharding!r}, batch {batch}, {n} tokens"],
+        [f"fxdisagg: {name}, alpha={config.alpha}, beta={config.beta}, "
+         f"sharding={config.sharding!r}, batch {batch}, {n} tokens, lengths 1.."
+         f"{compiled.captured.max_len}"] + [f"  note: {w}" for w in compiled.warnings],
         attention_sites(compiled),
         where_ops_run(compiled, config.alpha, config.beta),
         plan.summary(traffic=next(iter(traffic.values()), None)).splitlines(),

@@ -151,3 +151,17 @@ def test_a_failing_worker_s_own_message_reaches_the_caller():
         dm(**inputs("llama", 1, 5))
         with pytest.raises(fxdisagg.WorkerError, match="ValueError: the worker's own message"):
             dm.runtime.call(1, _raise_in_worker)
+
+
+def test_capture_takes_the_length_limit_the_model_code_guards():
+    """BERT's position table holds 512 positions; asked for 4096, the capture retries with
+    the bound torch.export proposes and says so (issue 11, capture range)."""
+    model = tiny_model("bert")
+    dm = fxdisagg.compile(model, 2, 2, example_inputs=inputs("bert", 2, 12), launch="inprocess",
+                          max_len=4096)
+    assert dm.compiled.captured.max_len == 512
+    assert "allows at most 512 tokens" in dm.explain()
+    kw = inputs("bert", 2, 512)
+    assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= 1e-4
+    with pytest.raises(fxdisagg.InputError, match="the model's code allows at most 512 tokens"):
+        dm(**inputs("bert", 2, 513))
