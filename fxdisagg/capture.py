@@ -12,6 +12,7 @@ per batch size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -81,22 +82,10 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len
     kwargs = {**tensors, **settings}     # settings (logits_to_keep=1, ...) are baked in
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
-    notes = []
-    try:
-        ep = _export(model, kwargs, {k: known[k] for k in tensors}, max_len)
-    except Exception as e:  # noqa: BLE001 - re-raised typed, with the cause attached
-        limit = _proposed_max_len(e)
-        if limit is None or not 1 <= limit < max_len:
-            raise _capture_error(model, e) from e
-        notes.append(f"capture: the model's code allows at most {limit} tokens (torch.export "
-                     f"found the guard and proposed it), fewer than max_len={max_len}; "
-                     f"captured for 1..{limit}")
-        log.warning("%s", notes[-1])
-        max_len = limit
-        try:
-            ep = _export(model, kwargs, {k: known[k] for k in tensors}, max_len)
-        except Exception as e2:  # noqa: BLE001
-            raise _capture_error(model, e2) from e2
+    notes: list[str] = []
+    with _token_local_experts(model, notes):
+        ep, max_len = _export_in_range(model, kwargs, {k: known[k] for k in tensors}, max_len,
+                                       notes)
     gm = ep.module()
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     names = _flatten_placeholders(gm, tuple(kwargs))
@@ -106,6 +95,51 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len
     batch = next(iter(tensors.values())).shape[0]
     return Captured(gm, names, constants, out_spec, seq, batch, max_len,
                     {k: known[k] for k in names} if token_dims is not None else {}, tuple(notes))
+
+
+def _export_in_range(model, kwargs: dict, token_dims: dict, max_len: int, notes: list):
+    """Export for lengths 1..max_len; when the model's code guards the length lower, once
+    more with the bound torch.export proposes (noted). Returns (program, max_len)."""
+    try:
+        return _export(model, kwargs, token_dims, max_len), max_len
+    except Exception as e:  # noqa: BLE001 - re-raised typed, with the cause attached
+        limit = _proposed_max_len(e)
+        if limit is None or not 1 <= limit < max_len:
+            raise _capture_error(model, e) from e
+    notes.append(f"capture: the model's code allows at most {limit} tokens (torch.export found "
+                 f"the guard and proposed it), fewer than max_len={max_len}; captured for "
+                 f"1..{limit}")
+    log.warning("%s", notes[-1])
+    try:
+        return _export(model, kwargs, token_dims, limit), limit
+    except Exception as e:  # noqa: BLE001
+        raise _capture_error(model, e) from e
+
+
+#: HF's MoE expert implementations that keep each token's experts on its own rows
+TOKEN_LOCAL_EXPERTS = "batched_mm"
+
+
+@contextlib.contextmanager
+def _token_local_experts(model, notes: list):
+    """Capture a mixture-of-experts model with HF's ``batched_mm`` experts: per (token,
+    expert) pair it gathers that expert's weights and multiplies, so every op keeps tokens
+    apart (`partition` proves it with DTensor's rules). HF's ``grouped_mm`` sorts the
+    pairs of all tokens by expert and its ``eager`` loop is data-dependent: neither can
+    run on a CompNode. Same math; the model's setting is restored after the capture."""
+    can = getattr(type(model), "_can_set_experts_implementation", None)
+    before = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if can is None or not can() or before in (None, TOKEN_LOCAL_EXPERTS):
+        yield
+        return
+    model.set_experts_implementation(TOKEN_LOCAL_EXPERTS)
+    notes.append(f"capture: mixture-of-experts layers captured with experts_implementation="
+                 f"{TOKEN_LOCAL_EXPERTS!r} (the model uses {before!r}, which mixes tokens "
+                 f"across the batch); same math")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
 
 
 def _export(model, kwargs: dict, token_dims: dict, max_len: int):

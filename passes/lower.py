@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from fxdisagg import ir
 from fxdisagg.errors import TokenLocalityError
-from fxdisagg.graph import describe_node, is_seq, seq_dims, val
+from fxdisagg.graph import describe_node, is_seq, mentions_seq, seq_dims, val
 from fxdisagg.ir import OPS, ROLE, STAGE, args_of, make_node, schema_args
 from fxdisagg.pipeline import PassContext
 from fxdisagg.schedule import (DISPATCH, KEY, QUERY, RETURN, LayerPieces, PieceSpec,
@@ -164,10 +164,13 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
 
     def localised(a: fx.Node) -> fx.Node:
         if isinstance(val(a), torch.SymInt):
-            if not is_seq(val(a), ctx.seq):
-                raise TokenLocalityError(f"lower: {describe_node(a)} is a size derived from the "
-                                         f"sequence length used by token-local work")
-            return n_local
+            if is_seq(val(a), ctx.seq):
+                return n_local
+            if not mentions_seq(val(a), ctx.seq):
+                return env[a]
+            if a not in local:   # a size derived from the length (B*N*k): from the local one
+                local[a] = g.node_copy(a, localised)
+            return local[a]
         dims = seq_dims(a, ctx.seq)
         if not dims:
             return env[a]

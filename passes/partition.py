@@ -18,7 +18,10 @@ stage of their inputs; its merge, the O-projection and the MLP after it one stag
 ``meta["fxdisagg.layer"]`` stays what `split_attention` wrote: the attention a node
 belongs to. A ``comp``
 node that scans, reduces or mixes over a token dim raises `TokenLocalityError` naming the
-node, the op and this pass. The dependency DAG is analysed with networkx (cycles, reach).
+node, the op and this pass. Common ops are judged by their dims here; an op those rules do
+not clear (an op they do not know, a batched matmul over per-token expert weights) is
+judged by DTensor's sharding rules (`fxdisagg.locality`), never by a growing list of op
+names. The dependency DAG is analysed with networkx (cycles, reach).
 Counts: ``partition.<role>`` per role.
 """
 
@@ -33,6 +36,7 @@ import torch.fx as fx
 
 from fxdisagg.errors import TokenLocalityError
 from fxdisagg.graph import describe_node, has_seq, is_seq, token_dims, val
+from fxdisagg.locality import dtensor_verdict
 from fxdisagg.pipeline import PassContext
 
 from fxdisagg.ir import OPS, ROLE, STAGE
@@ -106,6 +110,9 @@ def _role(node: fx.Node, ctx, feeds_attention) -> str:
             and all(r in ("static", "prologue") for r in roles):
         return "static"
     problem = _locality_problem(node, ctx.seq)
+    if problem is not None:            # the dim rules are conservative: DTensor's decide
+        verdict = dtensor_verdict(node, ctx.seq)
+        problem = None if verdict is None else f"{problem}, and {verdict}"
     if problem is None:
         return "comp"
     if node not in feeds_attention:
@@ -161,7 +168,7 @@ def _locality_problem(node: fx.Node, seq) -> str | None:
         return None if not has_seq(node.args[2], seq) else "its weight is token-indexed"
     if not any(has_seq(a, seq) for a in tensor_ins):
         return None  # factories and ops on replicated values
-    return "fxdisagg does not know whether this op keeps tokens apart"
+    return "fxdisagg has no dim rule for this op"
 
 
 def _reshape_problem(node, seq) -> str | None:

@@ -39,6 +39,15 @@ FAMILIES = [
     ("falcon", tf.AutoModelForCausalLM, dict(multi_query=True, new_decoder_architecture=False)),
     ("bloom", tf.AutoModelForCausalLM, dict(n_head=4, attn="eager")),
     ("gemma2", tf.AutoModelForCausalLM, dict(num_key_value_heads=2, head_dim=16, attn="eager")),
+    ("gemma3_text", tf.AutoModelForCausalLM, dict(num_key_value_heads=2, head_dim=16,
+                                                  sliding_window=8)),
+    ("mixtral", tf.AutoModelForCausalLM, dict(num_key_value_heads=2, num_local_experts=4,
+                                              num_experts_per_tok=2)),
+    ("qwen2_moe", tf.AutoModelForCausalLM, dict(num_key_value_heads=2, num_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=32,
+                                                shared_expert_intermediate_size=64)),
+    ("olmoe", tf.AutoModelForCausalLM, dict(num_key_value_heads=2, num_experts=4,
+                                            num_experts_per_tok=2)),
     ("bert", tf.AutoModel, dict()),
     ("roberta", tf.AutoModel, dict(pad_token_id=1)),
 ]
@@ -108,7 +117,7 @@ def test_every_family_is_exact_or_refused_with_a_typed_error(rows):
     wrong = [r for r in rows if r["error"] is not None and not r["error"] <= FP32_TOL]
     assert not wrong, f"wrong answers: {wrong}"
     exact = {r["family"] for r in rows if r["error"] is not None}
-    assert {"llama", "gpt2", "bert", "mistral", "qwen2"} <= exact
+    assert {"llama", "gpt2", "bert", "mistral", "qwen2", "falcon", "mixtral"} <= exact
 
 
 def test_readme_holds_the_measured_table(rows):
