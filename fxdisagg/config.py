@@ -24,7 +24,9 @@ class Config:
     cache_size: per-length Plans and schedules kept, least recently used first out;
     max_cache_len: most tokens (prompt and generated) one KV cache holds (None: max_len);
     verify: compare every layer with the unmodified model on the first call of each capture
-    (True: tolerance by dtype; a float: that relative tolerance; `fxdisagg.verify`).
+    (True: tolerance by dtype; a float: that relative tolerance; `fxdisagg.verify`);
+    token_local: modules the user declares token-local (module paths, ``*`` globs allowed,
+    or class names): `partition` runs their ops on CompNodes without proving locality.
     """
 
     alpha: int = 1
@@ -39,6 +41,7 @@ class Config:
     cache_size: int = 32
     max_cache_len: int | None = None
     verify: bool | float = False
+    token_local: tuple[str, ...] = ()
 
     def __post_init__(self):
         validate_degrees(self.alpha, self.beta, self.tp)
@@ -55,6 +58,9 @@ class Config:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        if not (isinstance(self.token_local, tuple) and all(isinstance(m, str) for m in self.token_local)):
+            raise ConfigError(f"token_local must be module paths or class names (strings), got "
+                              f"{self.token_local!r}")
         if not (isinstance(self.verify, bool) or (isinstance(self.verify, float) and self.verify > 0)):
             raise ConfigError(f"verify must be True, False or a relative tolerance > 0 "
                               f"(a float), got {self.verify!r}")
@@ -66,11 +72,15 @@ class Config:
     @staticmethod
     def of(alpha, beta, *, tp=1, sharding="r", launch=None, dump_dir=None, **options) -> "Config":
         """From `fxdisagg.compile`'s arguments; unknown options raise ConfigError."""
-        known = {"max_len", "kernel", "timeout", "cache_size", "max_cache_len", "verify"}
+        known = {"max_len", "kernel", "timeout", "cache_size", "max_cache_len", "verify",
+                 "token_local"}
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"unknown options {sorted(unknown)}; known: {sorted(known)}")
         options["kernel"] = options.get("kernel") or ""   # None: chosen by device
+        if isinstance(options.get("token_local"), (list, str)):
+            tl = options["token_local"]
+            options["token_local"] = (tl,) if isinstance(tl, str) else tuple(tl)
         dump_dir = dump_dir or os.environ.get("FXDISAGG_DUMP_DIR")
         return Config(alpha, beta, tp, sharding, launch or default_launch(),
                       dump_dir=str(dump_dir) if dump_dir else None, **options)

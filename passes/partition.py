@@ -27,6 +27,7 @@ Counts: ``partition.<role>`` per role.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import operator
 
@@ -113,6 +114,9 @@ def _role(node: fx.Node, ctx, feeds_attention) -> str:
     if problem is not None:            # the dim rules are conservative: DTensor's decide
         verdict = dtensor_verdict(node, ctx.seq)
         problem = None if verdict is None else f"{problem}, and {verdict}"
+    if problem is not None and _declared_token_local(node, ctx):
+        ctx.count("partition.declared_token_local")
+        problem = None
     if problem is None:
         return "comp"
     if node not in feeds_attention:
@@ -122,6 +126,17 @@ def _role(node: fx.Node, ctx, feeds_attention) -> str:
         f"a CompNode holds only its own tokens, so this op would need tokens of other "
         f"CompNodes. Only attention may mix tokens; if this op is part of an attention "
         f"spelling fxdisagg does not know, use attn_implementation='sdpa'.")
+
+
+def _declared_token_local(node: fx.Node, ctx) -> bool:
+    """Inside a module the user declared token-local (``token_local=``: a module path, a
+    glob over paths, or a class name)?"""
+    declared = ctx.config.token_local if ctx.config is not None else ()
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+        if any(fnmatch.fnmatchcase(path, d) or name.rsplit(".", 1)[-1] == d for d in declared):
+            return True
+    return False
 
 
 def _is_float(n) -> bool:

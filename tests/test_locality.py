@@ -51,3 +51,28 @@ def test_token_mixing_ops_are_refused_naming_the_node(name):
     with pytest.raises(fxdisagg.TokenLocalityError, match=r"partition: node '\w+'.*runs on a "
                                                           r"CompNode but"):
         fxdisagg.compile(model, 2, 2, example_inputs=inputs("llama", 2, 9), launch="inprocess")
+
+
+def _sort_and_unsort_tokens(x):
+    """Token-local overall (a permutation of the tokens and its inverse) but no rule can
+    prove it: the sort reads every token."""
+    order = x[..., :1].argsort(dim=1).expand_as(x)
+    return torch.zeros_like(x).scatter(1, order, x.gather(1, order)) * 0.5
+
+
+def test_a_module_declared_token_local_runs_on_comp_nodes():
+    model = _with_mlp_extra(_sort_and_unsort_tokens)
+    kw = inputs("llama", 2, 11, padding=True)
+    with pytest.raises(fxdisagg.TokenLocalityError):
+        fxdisagg.compile(model, 2, 2, example_inputs=kw, launch="inprocess")
+    dm = fxdisagg.compile(model, 2, 2, example_inputs=kw, launch="inprocess", verify=True,
+                          token_local=["model.layers.*.mlp"])
+    assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= 1e-4
+    assert dm.counts["partition.declared_token_local"] > 0
+
+
+def test_a_wrong_declaration_is_caught_by_verify_at_its_layer():
+    model = _with_mlp_extra(TOKEN_MIXING["flip_tokens"])
+    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", verify=True, token_local="LlamaMLP")
+    with pytest.raises(fxdisagg.VerifyError, match="after layer 0"):
+        dm(**inputs("llama", 2, 11, padding=True))
