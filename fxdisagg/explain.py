@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fxdisagg import pictures
+from fxdisagg.ir import args_of
 
 
 def _call_count(gm) -> int:
@@ -37,11 +38,15 @@ def _partial_attention_calls(attn_program) -> list:
 
 
 def _mask_words(node) -> str:
-    """The mask of one layer from its partial_attention arguments (schema order)."""
-    q_doc, k_valid, scale, causal, window = node.args[5], node.args[7], node.args[8], node.args[9], node.args[10]
-    words = ["causal" if causal else "bidirectional"]
-    if window is not None:
-        words.append(f"sliding window {window}")
+    """The mask of one layer from its partial_attention arguments."""
+    a = args_of(node)
+    q_doc, k_valid, scale, window, ahead = a["q_doc"], a["k_valid"], a["scale"], a["window"], a["window_ahead"]
+    words = ["causal" if a["causal"] else "bidirectional"]
+    if window is not None and window == ahead:
+        words.append(f"two-sided window |q - k| < {window}")
+    elif window is not None or ahead is not None:
+        words += [f"sliding window {window}"] * (window is not None)
+        words += [f"window ahead {ahead}"] * (ahead is not None)
     if q_doc is not None:
         words.append("documents (packed sequences)")
     if k_valid is not None:

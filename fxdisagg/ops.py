@@ -35,7 +35,8 @@ from fxdisagg.plan import assign
 @torch.library.custom_op("fxdisagg::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Optional[Tensor],
               k_pos: Optional[Tensor], q_doc: Optional[Tensor], k_doc: Optional[Tensor],
-              k_valid: Optional[Tensor], scale: float, causal: bool, window: Optional[int]) -> Tensor:
+              k_valid: Optional[Tensor], scale: float, causal: bool, window: Optional[int],
+              window_ahead: Optional[int] = None) -> Tensor:
     """softmax(q k^T * scale + mask) v with GQA by head mapping. ``mask`` is bool (True =
     visible) or additive float, broadcastable to [B, Hq, Mq, Mk]; positions default to the
     token index. Rows with no visible key give 0. Runs in the input dtype with fp32 softmax."""
@@ -45,7 +46,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Op
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hq, Mq, Mk]
     q_pos = q_pos if q_pos is not None else torch.arange(mq, device=q.device)
     k_pos = k_pos if k_pos is not None else torch.arange(mk, device=q.device)
-    visible = visibility(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid)[:, None]
+    visible = visibility(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid, window_ahead)[:, None]
     if mask is not None:
         if mask.dtype == torch.bool:
             visible = visible & mask
@@ -57,7 +58,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Op
 
 
 @attention.register_fake
-def _(q, k, v, mask, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window):
+def _(q, k, v, mask, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window,
+      window_ahead=None):
     return q.new_empty(q.shape)
 
 

@@ -35,13 +35,15 @@ class TileFeatures:
     scale: float  # softmax scale (api default 1/sqrt(D))
     causal: bool = True  # k_pos <= q_pos
     window: Optional[int] = None  # q_pos - k_pos < window
+    window_ahead: Optional[int] = None  # k_pos - q_pos < window_ahead
     q_doc: Optional[Tensor] = None  # int64, as q_pos; given with k_doc: q_doc == k_doc
     k_doc: Optional[Tensor] = None  # int64, as k_pos
     k_valid: Optional[Tensor] = None  # bool, as k_pos; False = padding key
 
     def only_causal(self) -> bool:
         """No window, document or padding feature (causal may or may not be on)."""
-        return self.window is None and self.q_doc is None and self.k_valid is None
+        return (self.window is None and self.window_ahead is None and self.q_doc is None
+                and self.k_valid is None)
 
     def masks_nothing(self) -> bool:
         """Every key is visible to every query."""
@@ -50,5 +52,6 @@ class TileFeatures:
     def visibility(self) -> Tensor:
         """bool `[B|1, Mq, Mk]` by `reference.visibility`."""
         return visibility(
-            self.q_pos, self.k_pos, self.causal, self.window, self.q_doc, self.k_doc, self.k_valid
+            self.q_pos, self.k_pos, self.causal, self.window, self.q_doc, self.k_doc,
+            self.k_valid, self.window_ahead,
         )

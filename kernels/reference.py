@@ -39,12 +39,14 @@ def visibility(
     q_doc: Optional[Tensor] = None,
     k_doc: Optional[Tensor] = None,
     k_valid: Optional[Tensor] = None,
+    window_ahead: Optional[int] = None,
 ) -> Tensor:
     """The definition of which key each query may attend to: bool `[B|1, Mq, Mk]`.
 
     Key k is visible to query q iff every enabled condition holds (they are ANDed):
       - causal:   `k_pos <= q_pos`
       - window W: `q_pos - k_pos < W`  (alone, without causal, it bounds only the past)
+      - window ahead A: `k_pos - q_pos < A` (with W: a two-sided local window, encoders)
       - documents (q_doc and k_doc given): `q_doc == k_doc`
       - k_valid given: `k_valid[k]` (False marks a padding key, never visible)
 
@@ -60,6 +62,8 @@ def visibility(
         vis = vis & (kp <= qp)
     if window is not None:
         vis = vis & (qp - kp < window)
+    if window_ahead is not None:
+        vis = vis & (kp - qp < window_ahead)
     if q_doc is not None and k_doc is not None:
         vis = vis & (_as_rows(q_doc)[:, :, None] == _as_rows(k_doc)[:, None, :])
     if k_valid is not None:

@@ -12,7 +12,7 @@ the log-sum-exp we need, and the tiles R-sharding produces are causal triangles:
    from the features by `reference.visibility`, rows with no visible key fixed afterwards.
 
 Before that, features that cannot mask anything in this tile are dropped in O(Mq + Mk)
-(all keys valid, one document, window wider than the tile's span, all keys in the past),
+(all keys valid, one document, windows wider than the tile's span, all keys in the past),
 and a causal tile whose keys are all in the future returns at once (contiguous sharding).
 
 On other devices (CUDA, where triton is the real kernel) or dtypes the flash kernel lacks,
@@ -62,10 +62,13 @@ def _simplify(f: TileFeatures) -> TileFeatures:
     span = int(q_pos.max() - k_pos.min())  # largest q_pos - k_pos of the tile
     if window is not None and span < window:
         window = None
+    ahead = f.window_ahead           # largest k_pos - q_pos of the tile below it: no effect
+    if ahead is not None and int(k_pos.max() - q_pos.min()) < ahead:
+        ahead = None
     if causal and int(k_pos.max()) <= int(q_pos.min()):
         causal = False
     return replace(f, q_pos=q_pos, k_pos=k_pos, causal=causal, window=window,
-                   q_doc=q_doc, k_doc=k_doc, k_valid=k_valid)
+                   window_ahead=ahead, q_doc=q_doc, k_doc=k_doc, k_valid=k_valid)
 
 
 def _nothing_visible(f: TileFeatures) -> bool:

@@ -120,6 +120,7 @@ class KernelFeatures:
     scale: float
     causal: bool
     window: Optional[int]
+    window_ahead: Optional[int] = None
 
     def pointers(self) -> tuple:
         """QPOS, KPOS, QDOC, KDOC, KVALID; absent features become positions (never read)."""
@@ -128,8 +129,10 @@ class KernelFeatures:
         return self.q_pos, self.k_pos, _or(self.q_doc), _or(self.k_doc), _or(self.k_valid)
 
     def scalars(self) -> tuple:
-        """qk_scale_log2 (the kernels work in base 2) and the window (0 when unused)."""
-        return self.scale * _LOG2E, 0 if self.window is None else self.window
+        """qk_scale_log2 (the kernels work in base 2), the window and the window ahead
+        (0 when unused)."""
+        return (self.scale * _LOG2E, 0 if self.window is None else self.window,
+                0 if self.window_ahead is None else self.window_ahead)
 
     def constexprs(self, q: torch.Tensor) -> dict:
         """The tile's compile-time kernel arguments (head dim, feature flags, precision)."""
@@ -138,6 +141,7 @@ class KernelFeatures:
             BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),  # lanes >= D masked
             IS_CAUSAL=bool(self.causal),
             HAS_WINDOW=self.window is not None,
+            HAS_WINDOW_AHEAD=self.window_ahead is not None,
             HAS_DOC=self.q_doc is not None,
             HAS_VALID=self.k_valid is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -145,7 +149,7 @@ class KernelFeatures:
 
 
 def kernel_features(q, k, q_pos, k_pos, scale, causal=True, window=None, q_doc=None, k_doc=None,
-                    k_valid=None) -> KernelFeatures:
+                    k_valid=None, window_ahead=None) -> KernelFeatures:
     """Check the features of tile (q `[B, Hq, Mq, D]`, k `[B, Hkv, Mk, D]`) and lay them
     out for the kernels. Raises KernelError naming the feature."""
     B, Mq, Mk, dev = q.shape[0], q.shape[2], k.shape[2], q.device
@@ -157,7 +161,7 @@ def kernel_features(q, k, q_pos, k_pos, scale, causal=True, window=None, q_doc=N
     kd, s_kd = _per_token(k_doc, "k_doc", B, Mk, torch.int64, dev)
     kv, s_kv = _per_token(k_valid, "k_valid", B, Mk, torch.bool, dev)
     return KernelFeatures(qp, kp, qd, kd, kv, (s_qp, s_kp, s_qd, s_kd, s_kv),
-                          float(scale), bool(causal), window)
+                          float(scale), bool(causal), window, window_ahead)
 
 
 def key_bounds(f: KernelFeatures) -> torch.Tensor:
@@ -170,6 +174,8 @@ def key_bounds(f: KernelFeatures) -> torch.Tensor:
         keep = keep & (f.k_pos <= f.q_pos.amax(-1, keepdim=True))
     if f.window is not None:
         keep = keep & (f.q_pos.amin(-1, keepdim=True) - f.k_pos < f.window)
+    if f.window_ahead is not None:
+        keep = keep & (f.k_pos - f.q_pos.amax(-1, keepdim=True) < f.window_ahead)
     if f.q_doc is not None:
         keep = keep & (f.k_doc >= f.q_doc.amin(-1, keepdim=True))
         keep = keep & (f.k_doc <= f.q_doc.amax(-1, keepdim=True))

@@ -62,8 +62,9 @@ def _attend_key_block(
     KPOS_ROW, KDOC_ROW, KVALID_ROW,  # this batch row's key features
     start_n, n_end,  # keys [start_n, min(start_n + BLOCK_N, n_end)) of the shard
     stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_d, d_ok, qk_scale_log2, window,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
+    offs_d, d_ok, qk_scale_log2, window, window_ahead,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_AHEAD: tl.constexpr,
+    HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key block of the online softmax: returns `(acc, l_i, m_i, loaded)`, loaded = 1
@@ -72,7 +73,7 @@ def _attend_key_block(
     The block is classified from the min/max of the actual per-token features of the query
     block and the key block, so skipping is exact for any positions:
     - skip: no (query, key) pair can be visible (causal: min k_pos > max q_pos; window:
-      max k_pos <= min q_pos - W; documents: disjoint id ranges; every key padding);
+      max k_pos <= min q_pos - W; window ahead: min k_pos >= max q_pos + A; documents: disjoint id ranges; every key padding);
     - full: every pair is visible and the block is in bounds: no element mask;
     - partial: the element mask is evaluated and applied.
     """
@@ -90,6 +91,9 @@ def _attend_key_block(
     if HAS_WINDOW:
         any_visible = any_visible & (q_pos_min - k_pos_max < window)
         need_mask = need_mask | (q_pos_max - k_pos_min >= window)
+    if HAS_WINDOW_AHEAD:
+        any_visible = any_visible & (k_pos_min - q_pos_max < window_ahead)
+        need_mask = need_mask | (k_pos_max - q_pos_min >= window_ahead)
     if HAS_DOC:
         k_doc = tl.load(KDOC_ROW + offs_n, mask=n_ok, other=0)
         k_doc_min = tl.min(tl.where(n_ok, k_doc, _POS_BIG), axis=0)
@@ -116,6 +120,8 @@ def _attend_key_block(
                 vis = vis & (k_pos[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 vis = vis & (q_pos[:, None] - k_pos[None, :] < window)
+            if HAS_WINDOW_AHEAD:
+                vis = vis & (k_pos[None, :] - q_pos[:, None] < window_ahead)
             if HAS_DOC:
                 vis = vis & (k_doc[None, :] == q_doc[:, None])
             if HAS_VALID:
@@ -157,6 +163,7 @@ def partial_attention_fwd_kernel(
     LSE,  # fp32 [B, Hq, Mq], natural log
     qk_scale_log2,  # softmax scale * log2(e): scores are kept in base 2
     window,  # W: key visible only if q_pos - k_pos < W (used when HAS_WINDOW)
+    window_ahead,  # A: key visible only if k_pos - q_pos < A (used when HAS_WINDOW_AHEAD)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -170,6 +177,7 @@ def partial_attention_fwd_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= max(D, 16); lanes >= D are masked
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW_AHEAD: tl.constexpr,
     HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else the default
@@ -215,8 +223,8 @@ def partial_attention_fwd_kernel(
             k_base, v_base,
             KPOS + b64 * stride_kpb, KDOC + b64 * stride_kdb, KVALID + b64 * stride_kvb,
             start_n, Mk, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_d, d_ok, qk_scale_log2, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_DOC, HAS_VALID, DOT_PRECISION, BLOCK_N)
+            offs_d, d_ok, qk_scale_log2, window, window_ahead,
+            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_DOC, HAS_VALID, DOT_PRECISION, BLOCK_N)
     out, lse = _finish_rows(acc, l_i, m_i)
 
     o_base = OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh
@@ -236,7 +244,7 @@ def partial_attention_decode_kernel(
               # visible to no query of the row (any superset of the visible keys is correct)
     NBLOCKS,  # int32 [B * Hkv, cdiv(GROUP * Mq, BLOCK_M)]: key blocks loaded per program,
               # written only when COUNT_BLOCKS (dummy otherwise)
-    qk_scale_log2, window,
+    qk_scale_log2, window, window_ahead,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -251,6 +259,7 @@ def partial_attention_decode_kernel(
     BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW_AHEAD: tl.constexpr,
     HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -304,8 +313,8 @@ def partial_attention_decode_kernel(
             k_base, v_base,
             KPOS + b64 * stride_kpb, KDOC + b64 * stride_kdb, KVALID + b64 * stride_kvb,
             start_n, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_d, d_ok, qk_scale_log2, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_DOC, HAS_VALID, DOT_PRECISION, BLOCK_N)
+            offs_d, d_ok, qk_scale_log2, window, window_ahead,
+            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_DOC, HAS_VALID, DOT_PRECISION, BLOCK_N)
         if COUNT_BLOCKS:
             n_loaded += loaded
     out, lse = _finish_rows(acc, l_i, m_i)

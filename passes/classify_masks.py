@@ -17,6 +17,7 @@ atoms, each of which must be one of:
 
     K - Q <= 0 over positions p          causal        (HF: kv_idx <= q_idx)
     Q - K <  W over positions p          sliding window W
+    |Q - K| <= w over positions p        two-sided window (encoders' local attention)
     d[Q] == d[K]                         packed documents
     v[K]                                 key padding (validity)
     Q >= 0 over token indices            trivially true
@@ -25,7 +26,8 @@ where p, d, v are token-indexed tensors. Additive float masks ``where(m, 0, min)
 same atoms. Anything else (query-dependent terms, ``or``, offsets other than these) raises
 `UnsupportedMaskError`.
 
-Counts: ``classify_masks.causal``, ``.window``, ``.padding``, ``.documents``.
+Counts: ``classify_masks.causal``, ``.window``, ``.two-sided window``, ``.padding``,
+``.documents``.
 
 One module on purpose (~400 lines): the abstract interpreter and the classifier of its
 terms are one proof; apart, neither can be read or tested alone.
@@ -142,6 +144,9 @@ class Interpreter:
             return self._broadcast(n, "and", n.args[:2])
         if t in _SAME:
             return self.term(n.args[0])
+        if t is aten.abs.default:
+            x = self.term(n.args[0])
+            return Term(x.dims, ("abs", x.expr))
         if t is aten.new_ones.default and n.args[1] == []:
             return Term((), ("const", True))
         if t in (aten.zeros.default,) and n.args[0] == []:
@@ -226,6 +231,7 @@ def _substitute(expr, subst, vars_: Vars):
 class Features:
     causal: bool = False
     window: int | None = None
+    window_ahead: int | None = None  # keys at most window_ahead - 1 positions ahead
     pos: fx.Node | None = None      # None: the token index
     doc: fx.Node | None = None
     valid: fx.Node | None = None
@@ -309,6 +315,11 @@ class Classifier:
 
     def _compare(self, e) -> None:
         op = e[0]
+        if e[2][0] == "abs":                       # w >= |x|  ->  |x| <= w
+            e = ({"ge": "le", "gt": "lt", "le": "ge", "lt": "gt"}[op], e[2], e[1])
+            op = e[0]
+        if e[1][0] == "abs":
+            return self._two_sided(op, e)
         lin = self._linear(("sub", e[1], e[2]))  # lhs - rhs  (op)  0
         if op in ("ge", "gt"):
             lin = {k: -v for k, v in lin.items()}
@@ -327,6 +338,20 @@ class Classifier:
             pass                                  # -Q + c <= 0: token index >= -c >= 0 always
         else:
             raise Unclassifiable(f"comparison {_show(e)} is not causal or a sliding window")
+        if self.pos_source not in (None, "unset"):
+            self.f.pos = self.pos_source
+
+
+    def _two_sided(self, op, e) -> None:
+        """``|Q - K| <= w`` (or ``< w``) over positions: keys at most w behind and w ahead."""
+        inner, bound = self._linear(e[1][1]), self._linear(e[2])
+        if op not in ("le", "lt") or set(bound) != {"c"} or \
+                (inner.get("Q", 0), inner.get("K", 0)) not in ((1, -1), (-1, 1)) or inner.get("c", 0):
+            raise Unclassifiable(f"comparison {_show(e)} is not a two-sided window |q - k| <= w")
+        w = bound["c"] + (1 if op == "le" else 0)      # |Q - K| < w
+        self.f.window = w if self.f.window is None else min(self.f.window, w)
+        self.f.window_ahead = w if self.f.window_ahead is None else min(self.f.window_ahead, w)
+        self.f.kinds.append("two-sided window")
         if self.pos_source not in (None, "unset"):
             self.f.pos = self.pos_source
 
@@ -382,7 +407,7 @@ def _rewrite(gm, node, f: Features) -> None:
             valid = _created(g, aten.ne.Scalar, (valid, 0), torch.ne(val(valid), 0))
     causal = bool(args_of(node)["causal"] or f.causal)
     set_args(node, mask=None, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, k_valid=valid,
-             causal=causal, window=f.window)
+             causal=causal, window=f.window, window_ahead=f.window_ahead)
 
 
 def _per_token(g, n):

@@ -91,7 +91,8 @@ class _Builder:
                        v=self.shard(a["v"], j), q_pos=a["q_pos"], k_pos=self.shard(a["k_pos"], j),
                        q_doc=a["q_doc"], k_doc=self.shard(a["k_doc"], j),
                        k_valid=self.shard(a["k_valid"], j), scale=float(a["scale"]),
-                       causal=bool(a["causal"]), window=a["window"], backend=self.ctx.kernel)
+                       causal=bool(a["causal"]), window=a["window"],
+                       window_ahead=a["window_ahead"], backend=self.ctx.kernel)
 
     def split(self, a: dict) -> fx.Node:
         """beta partials over key shards, stacked and merged: the attention's output."""

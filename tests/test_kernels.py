@@ -152,6 +152,23 @@ def test_window(dtype, window, causal, i, j):
     check_tile(q, k, v, q_pos, k_pos, causal=causal, window=window)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("behind,ahead", [(3, 3), (1, 1), (4, 2), (None, 3), (100, 100)])
+@pytest.mark.parametrize("i,j", [(0, 0), (0, 1), (1, 0)])
+def test_window_ahead(dtype, behind, ahead, i, j):
+    """Two-sided local windows (encoders): keys at most `ahead - 1` positions after the
+    query, and with `behind` at most `behind - 1` before."""
+    q_pos, k_pos = rshard(21, 2, i), rshard(21, 2, j)
+    q, k, v = make_qkv(2, 4, 2, len(q_pos), len(k_pos), 8, dtype)
+    check_tile(q, k, v, q_pos, k_pos, causal=False, window=behind, window_ahead=ahead)
+
+
+def test_window_ahead_visibility_is_the_two_sided_rule():
+    q_pos, k_pos = torch.arange(9), torch.tensor([0, 3, 4, 5, 8])
+    vis = reference.visibility(q_pos, k_pos, causal=False, window=3, window_ahead=3)[0]
+    assert torch.equal(vis, (q_pos[:, None] - k_pos[None, :]).abs() < 3)
+
+
 def padded_batch(n: int, pad: int, side: str):
     """B=2 batch, row 1 padded by `pad` tokens on `side`; HF-style positions skip the pad."""
     valid = torch.ones(2, n, dtype=torch.bool)

@@ -73,3 +73,46 @@ def test_plan_follows_last_length():
     dm(**inputs("llama", 1, 9))
     assert dm.plan.n_tokens == 9
     assert "CompNode 1" in str(dm.plan)
+
+
+def _modernbert(local_attention: int = 8):
+    """An encoder alternating global and two-sided local attention (|q - k| <= 4)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    config = tf.ModernBertConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 global_attn_every_n_layers=2, local_attention=local_attention,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                 cls_token_id=1, sep_token_id=2)
+    return tf.ModernBertModel._from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_two_sided_local_window_encoder(kernel):
+    model = _modernbert()
+    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", kernel=kernel)
+    for n in (7, 23):
+        kw = inputs("bert", 2, n, padding=True)
+        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL, n
+    assert dm.counts["classify_masks.two-sided window"] == 1
+    assert "two-sided window |q - k| < 5" in dm.explain()
+
+
+def test_a_far_mask_is_refused_not_taken_for_a_window():
+    """|q - k| >= w (only distant keys) is not a window: refused, never replaced."""
+    from transformers import masking_utils
+    model = _modernbert()
+    real = masking_utils.sliding_window_bidirectional_overlay
+
+    def far(sliding_window):
+        def inner(batch_idx, head_idx, q_idx, kv_idx):
+            return abs(q_idx - kv_idx) >= sliding_window
+        return inner
+
+    masking_utils.sliding_window_bidirectional_overlay = far
+    try:
+        with pytest.raises(fxdisagg.UnsupportedMaskError, match="layer 1"):
+            fxdisagg.compile(model, 2, 2, example_inputs=inputs("bert", 2, 12, padding=True),
+                             launch="inprocess")
+    finally:
+        masking_utils.sliding_window_bidirectional_overlay = real

@@ -71,7 +71,7 @@ NEG_INF = float("-inf")
 
 
 def oracle_attention(q, k, v, q_pos, k_pos, *, scale, causal, window=None,
-                     q_doc=None, k_doc=None, k_valid=None):
+                     q_doc=None, k_doc=None, k_valid=None, window_ahead=None):
     """Dense masked softmax in float64. Returns (out [B,Hq,Mq,D], lse [B,Hq,Mq])."""
     B, Hq, Mq, D = q.shape
     g = Hq // k.shape[1]
@@ -90,6 +90,8 @@ def oracle_attention(q, k, v, q_pos, k_pos, *, scale, causal, window=None,
         vis &= cols(k_pos) <= rows(q_pos)
     if window is not None:
         vis &= rows(q_pos) - cols(k_pos) < window
+    if window_ahead is not None:
+        vis &= cols(k_pos) - rows(q_pos) < window_ahead
     if q_doc is not None:
         vis &= rows(q_doc) == cols(k_doc)
     if k_valid is not None:
@@ -174,7 +176,7 @@ SHAPES = [
     (2, 2, 1, 9, 9, 24),
     (1, 2, 1, 5, 9, 128),
 ]
-FEATURES = ["none", "causal", "window", "docs", "valid", "all"]
+FEATURES = ["none", "causal", "window", "two_sided", "docs", "valid", "all"]
 
 
 def _features(kind, B, Mq, Mk, gen):
@@ -189,6 +191,8 @@ def _features(kind, B, Mq, Mk, gen):
     feat = {"causal": kind != "none" and kind != "all", "window": None}
     if kind == "window":
         feat["window"] = 5
+    if kind == "two_sided":  # |q - k| < 4, bidirectional (local attention of encoders)
+        feat.update(causal=False, window=4, window_ahead=4)
     if kind in ("docs", "all"):  # packed sequences of 6 tokens, boundaries differ by batch
         feat["q_doc"] = (q_pos + 2) // 6
         feat["k_doc"] = (k_pos + 2) // 6
