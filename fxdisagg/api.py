@@ -45,7 +45,9 @@ def compile(model: torch.nn.Module, alpha: int = 1, beta: int = 1, *, example_in
         ``kernel`` ("torch" | "triton" | "reference"; default by device), ``timeout``
         (seconds a worker may make no progress), ``cache_size`` (per-length Plans and
         schedules kept), ``verify`` (True or a tolerance: compare every layer's hidden
-        state with the unmodified model on the first call of each capture, `fxdisagg.verify`). All of it becomes one frozen `fxdisagg.config.Config`.
+        state with the unmodified model on the first call of each capture,
+        `fxdisagg.verify`), ``token_local`` (modules declared token-local: paths, globs or
+        class names). All of it becomes one frozen `fxdisagg.config.Config`.
     """
     if "auto" in (alpha, beta):
         alpha, beta = _auto_grid(model, example_inputs, options)
