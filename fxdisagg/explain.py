@@ -47,6 +47,8 @@ def _mask_words(node) -> str:
     elif window is not None or ahead is not None:
         words += [f"sliding window {window}"] * (window is not None)
         words += [f"window ahead {ahead}"] * (ahead is not None)
+    if a["softcap"] is not None:
+        words.append(f"logit soft-capping {a['softcap']:g}")
     if q_doc is not None:
         words.append("documents (packed sequences)")
     if k_valid is not None:

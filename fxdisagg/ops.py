@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fxdisagg import comm
-from fxdisagg.kernels.reference import expand_kv_heads, visibility
+from fxdisagg.kernels.reference import expand_kv_heads, soft_capped, visibility
 from fxdisagg.plan import assign
 
 
@@ -36,14 +36,14 @@ from fxdisagg.plan import assign
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Optional[Tensor],
               k_pos: Optional[Tensor], q_doc: Optional[Tensor], k_doc: Optional[Tensor],
               k_valid: Optional[Tensor], scale: float, causal: bool, window: Optional[int],
-              window_ahead: Optional[int] = None) -> Tensor:
+              window_ahead: Optional[int] = None, softcap: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale + mask) v with GQA by head mapping. ``mask`` is bool (True =
     visible) or additive float, broadcastable to [B, Hq, Mq, Mk]; positions default to the
     token index. Rows with no visible key give 0. Runs in the input dtype with fp32 softmax."""
     k = expand_kv_heads(k, q.shape[1])  # [B, Hq, Mk, D]
     v = expand_kv_heads(v, q.shape[1])
     mq, mk = q.shape[2], k.shape[2]
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hq, Mq, Mk]
+    scores = soft_capped((q.float() @ k.float().transpose(-1, -2)) * scale, softcap)  # [B, Hq, Mq, Mk]
     q_pos = q_pos if q_pos is not None else torch.arange(mq, device=q.device)
     k_pos = k_pos if k_pos is not None else torch.arange(mk, device=q.device)
     visible = visibility(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid, window_ahead)[:, None]
@@ -59,7 +59,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Op
 
 @attention.register_fake
 def _(q, k, v, mask, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window,
-      window_ahead=None):
+      window_ahead=None, softcap=None):
     return q.new_empty(q.shape)
 
 

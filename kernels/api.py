@@ -103,6 +103,9 @@ def _check_features(q: Tensor, k: Tensor, f: TileFeatures) -> None:
         _check_token_feature("k_doc", f.k_doc, torch.int64, b, mk, dev)
     if f.k_valid is not None:
         _check_token_feature("k_valid", f.k_valid, torch.bool, b, mk, dev)
+    c = f.softcap
+    _check(c is None or (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0), op,
+           f"softcap must be None or a number > 0, got {c!r}")
     for name in ("window", "window_ahead"):
         w = getattr(f, name)
         is_int = isinstance(w, int) and not isinstance(w, bool)
@@ -124,13 +127,14 @@ def partial_attention(
     k_valid: Optional[Tensor] = None,
     backend: Optional[str] = None,
     window_ahead: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of queries q over one key shard (k, v): `(out, lse)`.
 
     q `[B, Hq, Mq, D]`; k, v `[B, Hkv, Mk, D]`; q_pos `[Mq]|[B, Mq]`, k_pos `[Mk]|[B, Mk]`
     int64 token positions. Visibility (`reference.visibility`): causal `k_pos <= q_pos`,
     window `q_pos - k_pos < window`, window ahead `k_pos - q_pos < window_ahead`, documents `q_doc == k_doc`, `k_valid` (False = padding).
-    scale defaults to `1/sqrt(D)`. Returns out (q's dtype) `[B, Hq, Mq, D]` and lse (fp32,
+    scale defaults to `1/sqrt(D)`; softcap caps the scaled scores at `softcap * tanh(s / softcap)`. Returns out (q's dtype) `[B, Hq, Mq, D]` and lse (fp32,
     natural log) `[B, Hq, Mq]`; rows with no visible key give out 0, lse -inf.
     Raises KernelError on malformed arguments.
     """
@@ -138,7 +142,7 @@ def partial_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     features = TileFeatures(q_pos, k_pos, scale=scale, causal=bool(causal), window=window,
                             window_ahead=window_ahead, q_doc=q_doc, k_doc=k_doc,
-                            k_valid=k_valid)
+                            k_valid=k_valid, softcap=None if softcap is None else float(softcap))
     _check_features(q, k, features)
     name = resolve_backend(backend, q.device, "partial_attention")
     out, lse = _backend(name).partial_attention(q, k, v, features)

@@ -36,6 +36,7 @@ class TileFeatures:
     causal: bool = True  # k_pos <= q_pos
     window: Optional[int] = None  # q_pos - k_pos < window
     window_ahead: Optional[int] = None  # k_pos - q_pos < window_ahead
+    softcap: Optional[float] = None  # scores s become softcap * tanh(s / softcap) (Gemma 2)
     q_doc: Optional[Tensor] = None  # int64, as q_pos; given with k_doc: q_doc == k_doc
     k_doc: Optional[Tensor] = None  # int64, as k_pos
     k_valid: Optional[Tensor] = None  # bool, as k_pos; False = padding key

@@ -28,7 +28,7 @@ from fxdisagg.kernels import api
 _PARTIAL_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor? q_doc, Tensor? k_doc, "
     "Tensor? k_valid, float scale, bool causal, int? window, str backend, "
-    "int? window_ahead=None) -> (Tensor, Tensor)"
+    "int? window_ahead=None, float? softcap=None) -> (Tensor, Tensor)"
 )
 _MERGE_SCHEMA = "(Tensor outs, Tensor lses, str backend) -> (Tensor, Tensor)"
 
@@ -52,18 +52,19 @@ def partial_attention(
     window: Optional[int],
     backend: str,
     window_ahead: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """Graph op for `api.partial_attention`: out `[B, Hq, Mq, D]`, lse fp32 `[B, Hq, Mq]`."""
     return api.partial_attention(
         q, k, v, q_pos, k_pos, scale=scale, causal=causal, window=window,
         q_doc=q_doc, k_doc=k_doc, k_valid=k_valid, backend=backend or None,
-        window_ahead=window_ahead,
+        window_ahead=window_ahead, softcap=softcap,
     )
 
 
 def _partial_attention_fake(
     q, k, v, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window, backend,
-    window_ahead=None,
+    window_ahead=None, softcap=None,
 ):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Hq, Mq, D]
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # [B, Hq, Mq]

@@ -81,6 +81,12 @@ def expand_kv_heads(x: Tensor, hq: int) -> Tensor:
     return x.repeat_interleave(hq // x.shape[1], dim=1)
 
 
+def soft_capped(scores: Tensor, softcap: Optional[float]) -> Tensor:
+    """Logit soft-capping (Gemma 2): `softcap * tanh(scores / softcap)`, after the scale and
+    before the mask; None leaves the scores as they are."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
 def partial_attention(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
     """Dense masked softmax attention in fp64; out in q's dtype, lse fp32 `[B, Hq, Mq]`."""
     hq = q.shape[1]
@@ -88,7 +94,7 @@ def partial_attention(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple
     k64 = expand_kv_heads(k.double(), hq)  # [B, Hq, Mk, D]
     v64 = expand_kv_heads(v.double(), hq)  # [B, Hq, Mk, D]
     vis = f.visibility()[:, None]  # [B|1, 1, Mq, Mk]
-    scores = (q64 @ k64.transpose(-1, -2)) * f.scale  # [B, Hq, Mq, Mk]
+    scores = soft_capped((q64 @ k64.transpose(-1, -2)) * f.scale, f.softcap)  # [B, Hq, Mq, Mk]
     scores = scores.masked_fill(~vis, NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Mq]; -inf where nothing is visible
     lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fxdisagg.kernels.features import TileFeatures
-from fxdisagg.kernels.reference import expand_kv_heads
+from fxdisagg.kernels.reference import expand_kv_heads, soft_capped
 
 NEG_INF = float("-inf")
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -187,7 +187,7 @@ def _math(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Ten
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     hq = q.shape[1]
     k, v = expand_kv_heads(k.to(acc), hq), expand_kv_heads(v.to(acc), hq)  # [B, Hq, Mk, D]
-    scores = (q.to(acc) @ k.transpose(-1, -2)) * f.scale  # [B, Hq, Mq, Mk]
+    scores = soft_capped((q.to(acc) @ k.transpose(-1, -2)) * f.scale, f.softcap)  # [B, Hq, Mq, Mk]
     if not f.masks_nothing():
         scores = scores.masked_fill(~f.visibility()[:, None], NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Mq]
@@ -206,8 +206,8 @@ def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]
     f = _simplify(f)
     if _nothing_visible(f):
         return "empty", f
-    if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES:
-        return "math", f
+    if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES or f.softcap is not None:
+        return "math", f   # the flash kernel has no soft-capping: the exact dense path
     if f.masks_nothing():
         return "plain", f
     if f.only_causal():

@@ -218,7 +218,7 @@ def _partial_attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
     scale: float, causal: bool, window: Optional[int], q_doc: Optional[torch.Tensor],
     k_doc: Optional[torch.Tensor], k_valid: Optional[torch.Tensor],
-    window_ahead: Optional[int] = None,
+    window_ahead: Optional[int] = None, softcap: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Body of `fxdisagg::triton_partial_attention`, also its fake implementation (fake
     tensors allocate the outputs; `wrap_triton` records the launch, or under the
@@ -228,7 +228,7 @@ def _partial_attention_impl(
     B, Hq, Mq, D = q.shape
     Hkv, Mk = k.shape[1], k.shape[2]
     f = kernel_features(q, k, q_pos, k_pos, scale, causal, window, q_doc, k_doc, k_valid,
-                        window_ahead)
+                        window_ahead, softcap)
     out = torch.empty((B, Hq, Mq, D), dtype=q.dtype, device=q.device)  # [B, Hq, Mq, D]
     lse = torch.empty((B, Hq, Mq), dtype=torch.float32, device=q.device)  # [B, Hq, Mq]
     if Mq == 0 or B * Hq == 0:
@@ -349,6 +349,7 @@ def partial_attention(
         q, k, v, f.q_pos, f.k_pos, float(f.scale), bool(f.causal),
         None if f.window is None else int(f.window), f.q_doc, f.k_doc, f.k_valid,
         None if f.window_ahead is None else int(f.window_ahead),
+        None if f.softcap is None else float(f.softcap),
     )
 
 

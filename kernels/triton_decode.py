@@ -121,6 +121,7 @@ class KernelFeatures:
     causal: bool
     window: Optional[int]
     window_ahead: Optional[int] = None
+    softcap: Optional[float] = None
 
     def pointers(self) -> tuple:
         """QPOS, KPOS, QDOC, KDOC, KVALID; absent features become positions (never read)."""
@@ -130,9 +131,10 @@ class KernelFeatures:
 
     def scalars(self) -> tuple:
         """qk_scale_log2 (the kernels work in base 2), the window and the window ahead
-        (0 when unused)."""
+        (0 when unused), the softcap (1.0 when unused)."""
         return (self.scale * _LOG2E, 0 if self.window is None else self.window,
-                0 if self.window_ahead is None else self.window_ahead)
+                0 if self.window_ahead is None else self.window_ahead,
+                1.0 if self.softcap is None else float(self.softcap))
 
     def constexprs(self, q: torch.Tensor) -> dict:
         """The tile's compile-time kernel arguments (head dim, feature flags, precision)."""
@@ -142,6 +144,7 @@ class KernelFeatures:
             IS_CAUSAL=bool(self.causal),
             HAS_WINDOW=self.window is not None,
             HAS_WINDOW_AHEAD=self.window_ahead is not None,
+            HAS_SOFTCAP=self.softcap is not None,
             HAS_DOC=self.q_doc is not None,
             HAS_VALID=self.k_valid is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -149,7 +152,7 @@ class KernelFeatures:
 
 
 def kernel_features(q, k, q_pos, k_pos, scale, causal=True, window=None, q_doc=None, k_doc=None,
-                    k_valid=None, window_ahead=None) -> KernelFeatures:
+                    k_valid=None, window_ahead=None, softcap=None) -> KernelFeatures:
     """Check the features of tile (q `[B, Hq, Mq, D]`, k `[B, Hkv, Mk, D]`) and lay them
     out for the kernels. Raises KernelError naming the feature."""
     B, Mq, Mk, dev = q.shape[0], q.shape[2], k.shape[2], q.device
@@ -161,7 +164,7 @@ def kernel_features(q, k, q_pos, k_pos, scale, causal=True, window=None, q_doc=N
     kd, s_kd = _per_token(k_doc, "k_doc", B, Mk, torch.int64, dev)
     kv, s_kv = _per_token(k_valid, "k_valid", B, Mk, torch.bool, dev)
     return KernelFeatures(qp, kp, qd, kd, kv, (s_qp, s_kp, s_qd, s_kd, s_kv),
-                          float(scale), bool(causal), window, window_ahead)
+                          float(scale), bool(causal), window, window_ahead, softcap)
 
 
 def key_bounds(f: KernelFeatures) -> torch.Tensor:

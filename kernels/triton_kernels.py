@@ -54,6 +54,15 @@ def _query_features(QPOS_ROW, QDOC_ROW, offs_q, m_ok, HAS_DOC: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2, stable for any x (the interpreter and every target have exp2)."""
+    x = x.to(tl.float32)
+    t = tl.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|), in (0, 1]
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
 def _attend_key_block(
     acc, l_i, m_i,  # running state: fp32 [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M] (base 2)
     q, m_ok,  # [BLOCK_M, BLOCK_D] query tile, [BLOCK_M] valid rows
@@ -62,9 +71,9 @@ def _attend_key_block(
     KPOS_ROW, KDOC_ROW, KVALID_ROW,  # this batch row's key features
     start_n, n_end,  # keys [start_n, min(start_n + BLOCK_N, n_end)) of the shard
     stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_d, d_ok, qk_scale_log2, window, window_ahead,
+    offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_AHEAD: tl.constexpr,
-    HAS_DOC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key block of the online softmax: returns `(acc, l_i, m_i, loaded)`, loaded = 1
@@ -114,6 +123,9 @@ def _attend_key_block(
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
+        if HAS_SOFTCAP:  # softcap * tanh(s / softcap) on the natural-log scores, back to base 2
+            cap = softcap * 1.4426950408889634  # the cap in base-2 units
+            s = _tanh(s / cap) * cap
         if need_mask:
             vis = n_ok[None, :] & m_ok[:, None]
             if IS_CAUSAL:
@@ -164,6 +176,7 @@ def partial_attention_fwd_kernel(
     qk_scale_log2,  # softmax scale * log2(e): scores are kept in base 2
     window,  # W: key visible only if q_pos - k_pos < W (used when HAS_WINDOW)
     window_ahead,  # A: key visible only if k_pos - q_pos < A (used when HAS_WINDOW_AHEAD)
+    softcap,  # C: scores s become C * tanh(s / C) (used when HAS_SOFTCAP)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -178,6 +191,7 @@ def partial_attention_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_WINDOW_AHEAD: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else the default
@@ -223,8 +237,9 @@ def partial_attention_fwd_kernel(
             k_base, v_base,
             KPOS + b64 * stride_kpb, KDOC + b64 * stride_kdb, KVALID + b64 * stride_kvb,
             start_n, Mk, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_d, d_ok, qk_scale_log2, window, window_ahead,
-            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_DOC, HAS_VALID, DOT_PRECISION, BLOCK_N)
+            offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap,
+            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_SOFTCAP, HAS_DOC, HAS_VALID,
+            DOT_PRECISION, BLOCK_N)
     out, lse = _finish_rows(acc, l_i, m_i)
 
     o_base = OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh
@@ -244,7 +259,7 @@ def partial_attention_decode_kernel(
               # visible to no query of the row (any superset of the visible keys is correct)
     NBLOCKS,  # int32 [B * Hkv, cdiv(GROUP * Mq, BLOCK_M)]: key blocks loaded per program,
               # written only when COUNT_BLOCKS (dummy otherwise)
-    qk_scale_log2, window, window_ahead,
+    qk_scale_log2, window, window_ahead, softcap,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -260,6 +275,7 @@ def partial_attention_decode_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_WINDOW_AHEAD: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -313,8 +329,9 @@ def partial_attention_decode_kernel(
             k_base, v_base,
             KPOS + b64 * stride_kpb, KDOC + b64 * stride_kdb, KVALID + b64 * stride_kvb,
             start_n, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_d, d_ok, qk_scale_log2, window, window_ahead,
-            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_DOC, HAS_VALID, DOT_PRECISION, BLOCK_N)
+            offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap,
+            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_SOFTCAP, HAS_DOC, HAS_VALID,
+            DOT_PRECISION, BLOCK_N)
         if COUNT_BLOCKS:
             n_loaded += loaded
     out, lse = _finish_rows(acc, l_i, m_i)

@@ -73,12 +73,13 @@ def _default_scale(q: fx.Node) -> float:
     return 1.0 / math.sqrt(val(q).shape[-1])
 
 
-def _emit(gm, at: fx.Node, q, k, v, mask, scale, causal) -> fx.Node:
+def _emit(gm, at: fx.Node, q, k, v, mask, scale, causal, softcap=None) -> fx.Node:
     """``fxdisagg.attention`` before ``at``, with its stack trace; no features yet."""
     out = val(q).new_empty(val(q).shape[:-1] + (val(v).shape[-1],))
     with gm.graph.inserting_before(at):
         new = make_node(gm.graph, OPS.attention, (), val=out, created_by="find_attention", like=at)
-    set_args(new, q=q, k=k, v=v, mask=mask, scale=float(scale), causal=bool(causal))
+    set_args(new, q=q, k=k, v=v, mask=mask, scale=float(scale), causal=bool(causal),
+             softcap=softcap)
     return new
 
 
@@ -129,7 +130,8 @@ def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
                            f"but not over the last (key) dim; this attention spelling is not "
                            f"supported")
     scores, mask = _split_mask(x, ctx)
-    qk, scale = _split_scale(scores)
+    capped, softcap = _split_softcap(scores)
+    qk, scale = _split_scale(capped)
     if qk.target not in (aten.matmul.default, aten.bmm.default) or single_user(qk) is None:
         _fail(softmax, "expected MatMul(q, k^T) before Scale and SoftMax", qk)
     q, kt = qk.args
@@ -140,10 +142,10 @@ def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
     if chain is None:
         _fail(softmax, "expected SoftMax -> (cast/dropout) -> MatMul(probs, v)", softmax)
     pv = chain[-1]
-    new = _emit(gm, pv, q, k, pv.args[1], mask, scale * 1.0, False)
+    new = _emit(gm, pv, q, k, pv.args[1], mask, scale * 1.0, False, softcap)
     pv.replace_all_uses_with(new)
     # erase the matched chain explicitly: DCE keeps dropout (a seeded-random op)
-    for n in reversed(list(dict.fromkeys([qk, scores, x, softmax, *chain]))):
+    for n in reversed(list(dict.fromkeys([qk, capped, scores, x, softmax, *chain]))):
         if not n.users:
             gm.graph.erase_node(n)
     ctx.count("find_attention.eager")
@@ -161,9 +163,25 @@ def _split_mask(x: fx.Node, ctx):
 
 
 def _reaches_matmul(n: fx.Node) -> bool:
-    while n.op == "call_function" and n.target in (aten.mul.Tensor, aten.div.Tensor, *CASTS):
+    while n.op == "call_function" and n.target in (aten.mul.Tensor, aten.div.Tensor, aten.tanh.default,
+                                                   *CASTS):
         n = n.args[0]
     return n.op == "call_function" and n.target in (aten.matmul.default, aten.bmm.default)
+
+
+def _split_softcap(x: fx.Node):
+    """tanh(s / c) * c -> (s, c): logit soft-capping (Gemma 2), the same constant c twice;
+    anything else -> (x, None)."""
+    if x.target is not aten.mul.Tensor or not isinstance(x.args[0], fx.Node) \
+            or x.args[0].target is not aten.tanh.default:
+        return x, None
+    inner = x.args[0].args[0]
+    c = _constant(x.args[1])
+    if inner.target is not aten.div.Tensor or c is None or _constant(inner.args[1]) != c \
+            or c <= 0:
+        raise PatternError(f"find_attention: {describe_node(x)} bends the attention scores with "
+                           f"tanh, but not as soft-capping tanh(s / c) * c with one constant c > 0")
+    return inner.args[0], c
 
 
 def _split_scale(x: fx.Node):

@@ -163,6 +163,19 @@ def test_window_ahead(dtype, behind, ahead, i, j):
     check_tile(q, k, v, q_pos, k_pos, causal=False, window=behind, window_ahead=ahead)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_softcap_takes_the_exact_path(dtype, causal):
+    """Soft-capping has no flash kernel: the tile goes to the dense path, still exact."""
+    q_pos, k_pos = rshard(19, 2, 1), rshard(19, 2, 0)
+    q, k, v = make_qkv(2, 4, 2, len(q_pos), len(k_pos), 8, dtype)
+    q = q * 4  # large scores, so the cap bends them
+    assert tile_kind(q, k, q_pos, k_pos, causal=causal, softcap=2.0) == "math"
+    out, lse = check_tile(q, k, v, q_pos, k_pos, causal=causal, softcap=2.0)
+    plain, _ = partial_attention(q, k, v, q_pos, k_pos, causal=causal, backend="reference")
+    assert not torch.allclose(out.float(), plain.float(), atol=1e-3), "the cap changes the result"
+
+
 def test_window_ahead_visibility_is_the_two_sided_rule():
     q_pos, k_pos = torch.arange(9), torch.tensor([0, 3, 4, 5, 8])
     vis = reference.visibility(q_pos, k_pos, causal=False, window=3, window_ahead=3)[0]

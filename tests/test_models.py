@@ -116,3 +116,44 @@ def test_a_far_mask_is_refused_not_taken_for_a_window():
                              launch="inprocess")
     finally:
         masking_utils.sliding_window_bidirectional_overlay = real
+
+
+def _gemma2(softcap: float):
+    import transformers as tf
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, sliding_window=8, attn_logit_softcapping=softcap)
+    return tf.Gemma2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_logit_soft_capping(kernel):
+    """Gemma 2's tanh(s / c) * c between the MatMul and the SoftMax, with a cap small
+    enough to bend most scores: exact on every backend, and visible in explain()."""
+    model = _gemma2(softcap=0.5)
+    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", kernel=kernel)
+    for n in (6, 21):
+        kw = inputs("llama", 2, n, padding=True)
+        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL, n
+    assert "logit soft-capping 0.5" in dm.explain()
+
+
+def test_a_tanh_that_is_not_soft_capping_is_refused(monkeypatch):
+    """tanh(s / c1) * c2 with c1 != c2 is not the feature: refused, never approximated."""
+    import transformers.models.gemma2.modeling_gemma2 as g2
+
+    def skewed(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+               softcap=None, **kwargs):
+        scores = torch.matmul(query, g2.repeat_kv(key, module.num_key_value_groups).transpose(2, 3))
+        scores = torch.tanh(scores * scaling / softcap) * (2 * softcap)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs, g2.repeat_kv(value, module.num_key_value_groups))
+        return out.transpose(1, 2).contiguous(), probs
+
+    monkeypatch.setattr(g2, "eager_attention_forward", skewed)
+    with pytest.raises(fxdisagg.PatternError, match="not as soft-capping"):
+        fxdisagg.compile(_gemma2(softcap=0.5), 2, 2, example_inputs=inputs("llama", 2, 9),
+                         launch="inprocess")

@@ -71,13 +71,15 @@ NEG_INF = float("-inf")
 
 
 def oracle_attention(q, k, v, q_pos, k_pos, *, scale, causal, window=None,
-                     q_doc=None, k_doc=None, k_valid=None, window_ahead=None):
+                     q_doc=None, k_doc=None, k_valid=None, window_ahead=None, softcap=None):
     """Dense masked softmax in float64. Returns (out [B,Hq,Mq,D], lse [B,Hq,Mq])."""
     B, Hq, Mq, D = q.shape
     g = Hq // k.shape[1]
     kk = k.double().cpu().repeat_interleave(g, dim=1)  # [B, Hq, Mk, D]
     vv = v.double().cpu().repeat_interleave(g, dim=1)
     s = q.double().cpu() @ kk.transpose(-1, -2) * scale  # [B, Hq, Mq, Mk]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
 
     def rows(t):  # [Mq] | [B, Mq] -> [B, 1, Mq, 1]
         return t.cpu().expand(B, -1)[:, None, :, None]
@@ -176,7 +178,7 @@ SHAPES = [
     (2, 2, 1, 9, 9, 24),
     (1, 2, 1, 5, 9, 128),
 ]
-FEATURES = ["none", "causal", "window", "two_sided", "docs", "valid", "all"]
+FEATURES = ["none", "causal", "window", "two_sided", "softcap", "docs", "valid", "all"]
 
 
 def _features(kind, B, Mq, Mk, gen):
@@ -193,6 +195,8 @@ def _features(kind, B, Mq, Mk, gen):
         feat["window"] = 5
     if kind == "two_sided":  # |q - k| < 4, bidirectional (local attention of encoders)
         feat.update(causal=False, window=4, window_ahead=4)
+    if kind == "softcap":  # Gemma 2's logit soft-capping, small enough to bend the scores
+        feat["softcap"] = 1.5
     if kind in ("docs", "all"):  # packed sequences of 6 tokens, boundaries differ by batch
         feat["q_doc"] = (q_pos + 2) // 6
         feat["k_doc"] = (k_pos + 2) // 6
