@@ -2,6 +2,9 @@
 
     dm = fxdisagg.compile(model, alpha=2, beta=2, example_inputs={"input_ids": ids})
     out = dm(input_ids=ids)
+
+    compiled = torch.compile(model, backend="fxdisagg", options={"alpha": 2, "beta": 2})
+    out = compiled(input_ids=ids)          # the backend needs no `import fxdisagg`
 """
 
 from fxdisagg import ops as _graph_ops  # noqa: F401  (registers fxdisagg::attention, comm ops)
