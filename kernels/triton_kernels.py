@@ -21,6 +21,10 @@ Numerical conventions (see `api.py`):
 
 Whether these functions run compiled or in Triton's CPU interpreter is decided when this
 module is imported (`@triton.jit` reads `TRITON_INTERPRET` at decoration time).
+
+One module of ~420 lines on purpose: every kernel's features (causal, windows ahead and
+behind, soft-capping, documents, padding) are spelled once, in `_attend_key_block`, which
+both attention kernels inline; splitting the device code would split that one definition.
 """
 
 import triton
