@@ -30,9 +30,9 @@ def verify_call(dm, kwargs: dict, tolerance: float | None) -> None:
     model's by more than ``tolerance`` (None: `TOLERANCE` by dtype)."""
     from fxdisagg.api import DisaggregatedModel
     config = dataclasses.replace(dm.config, verify=False, dump_dir=None)
-    probe = DisaggregatedModel(dm.model, config, workers=dm._workers)
+    probe = DisaggregatedModel(dm.model, config, workers=dm._workers)   # once per capture
     with _hidden_states_on(dm.model), torch.no_grad():
-        ref = dm.model(**kwargs, use_cache=False) if _takes_use_cache(dm.model) else dm.model(**kwargs)
+        ref = dm.model(**({**kwargs, "use_cache": False} if _takes_use_cache(dm.model) else kwargs))
         ours = probe(**kwargs)
     ref_states, our_states = _states(ref), _states(ours)
     if ref_states is None or our_states is None:
