@@ -246,7 +246,7 @@ class DisaggregatedModel:
         return self._call(kwargs)
 
     def _verify_first(self, kwargs) -> None:
-        from fxdisagg.verify import verify_call
+        """Run `_verify` on the first call of each capture (again after a failed one)."""
         with self._lock:
             compiled = self.prepare(kwargs)
             if id(compiled) in self._verified:
@@ -254,10 +254,14 @@ class DisaggregatedModel:
             self._verified.add(id(compiled))
             tolerance = None if self.config.verify is True else self.config.verify
             try:
-                verify_call(self, kwargs, tolerance)
+                self._verify(kwargs, tolerance)
             except BaseException:
                 self._verified.discard(id(compiled))
                 raise
+
+    def _verify(self, kwargs, tolerance) -> None:
+        from fxdisagg.verify import verify_call
+        verify_call(self, kwargs, tolerance)
 
     def _call(self, kwargs):
         with self._lock:

@@ -53,6 +53,7 @@ from fxdisagg.api import DisaggregatedModel, _device
 from fxdisagg.capture import Captured, capture
 from fxdisagg.config import Config
 from fxdisagg.errors import CaptureError, ConfigError
+from fxdisagg.locality import size_hint
 from fxdisagg.runtime import Workers
 
 log = logging.getLogger(__name__)
@@ -202,16 +203,12 @@ class DynamoGraph(DisaggregatedModel):
     def _token_dims(self, name: str) -> tuple[int, ...]:
         return self.model.token_dims[name]
 
-    def _verify_first(self, kwargs) -> None:
+    def _verify(self, kwargs, tolerance) -> None:
         """verify: the graph's outputs against the graph run as traced (a Dynamo graph
         has no per-layer hidden states to compare)."""
         from fxdisagg.verify import verify_outputs
-        compiled = self.prepare(kwargs)
-        if id(compiled) not in self._verified:
-            tolerance = None if self.config.verify is True else self.config.verify
-            verify_outputs(f"Dynamo graph {self.model.graph_id}", self._call(kwargs),
-                           self.model(**kwargs), tolerance)
-            self._verified.add(id(compiled))
+        verify_outputs(f"Dynamo graph {self.model.graph_id}", self._call(kwargs),
+                       self.model(**kwargs), tolerance)
 
     @torch.compiler.disable
     def run_flat(self, *args):
@@ -338,16 +335,12 @@ def _token_dims(gm, slots) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     dim left free but not tokens (a vocabulary after a graph break) has another length and
     stays static. Also the inputs without a token dim (none: the graph can be captured)."""
     inputs = [(s[1], v) for s, v in zip(slots, _examples(gm)) if s[0] == "input"]
-    n = next((_hint(x) for _, v in inputs for x in v.shape[v.dim() > 1:]
+    n = next((size_hint(x) for _, v in inputs for x in v.shape[v.dim() > 1:]
               if isinstance(x, torch.SymInt)), None)
     dims = {name: tuple(d for d, x in enumerate(v.shape)
-                        if isinstance(x, torch.SymInt) and _hint(x) == n)
+                        if isinstance(x, torch.SymInt) and size_hint(x) == n)
             for name, v in inputs}
     return dims, [name for name, d in dims.items() if not d]
-
-
-def _hint(x: torch.SymInt) -> int:
-    return x.node.hint
 
 
 #: the largest length of a graph whose token range Dynamo left unbounded

@@ -46,7 +46,7 @@ def dtensor_verdict(node: fx.Node, seq) -> str | None:
 
 
 class _NotShardable(Exception):
-    pass
+    """Internal: an input DTensor cannot express (several token dims); the reason."""
 
 
 @functools.cache
@@ -58,7 +58,7 @@ def _mesh():
 def _sharded_args(node: fx.Node, seq):
     def convert(a):
         if isinstance(a, fx.Node):
-            return _dtensor(a, seq) if isinstance(val(a), torch.Tensor) else _hint(val(a))
+            return _dtensor(a, seq) if isinstance(val(a), torch.Tensor) else size_hint(val(a))
         if isinstance(a, (list, tuple)):
             return type(a)(convert(x) for x in a)
         return a
@@ -70,7 +70,7 @@ def _dtensor(a: fx.Node, seq):
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
     from torch.distributed.tensor.placement_types import Replicate, Shard
     v = val(a)
-    shape = tuple(_hint(s) for s in v.shape)
+    shape = tuple(size_hint(s) for s in v.shape)
     dims = token_dims(a, seq)
     if len(dims) > 1:
         raise _NotShardable(f"its input {a.name} has several token dims {dims}")
@@ -85,7 +85,8 @@ def _dtensor(a: fx.Node, seq):
     return DTensor(local, spec, requires_grad=False)
 
 
-def _hint(s):
+def size_hint(s):
+    """The example value of a size (a SymInt's hint); plain ints as they are."""
     if isinstance(s, torch.SymInt):
         return s.node.hint if s.node.hint is not None else s.node.shape_env.size_hint(s.node.expr)
     return s
