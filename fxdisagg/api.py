@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 from fxdisagg.capture import (HF_DEFAULTS, Captured, capture, check_inference, check_token_ids,
                               flat_inputs)
 from fxdisagg.config import Config
+from fxdisagg.contracts import check_all
 from fxdisagg.errors import ConfigError, InputError
 from fxdisagg.passes.classify_masks import classify_masks
 from fxdisagg.passes.find_attention import find_attention
@@ -69,6 +70,7 @@ class Compiled:
     counts: dict[str, int]
     warnings: tuple[str, ...]
     dump_dir: pathlib.Path | None
+    contracts: frozenset = frozenset()   # `fxdisagg.contracts` every call's inputs must meet
 
 
 class DisaggregatedModel:
@@ -146,7 +148,8 @@ class DisaggregatedModel:
             ctx.dumper = Dumper(dump_dir)
         gm = run_passes(cap.gm, PASSES, ctx)
         programs = lower(gm, ctx)
-        compiled = Compiled(cap, programs, ctx.counts, tuple(ctx.warnings), dump_dir)
+        compiled = Compiled(cap, programs, ctx.counts, tuple(ctx.warnings), dump_dir,
+                            frozenset(ctx.contracts))
         if ctx.dumper:
             ctx.dumper.programs(gm, programs, ctx)
             ctx.dumper.plan(self.plan_for(n_tokens), self._schedule_traffic(programs, n_tokens))
@@ -266,6 +269,7 @@ class DisaggregatedModel:
     def _call(self, kwargs):
         with self._lock:
             compiled = self.prepare(kwargs)
+            check_all(compiled.contracts, kwargs)
             flat = flat_inputs(compiled.captured, kwargs)
             n = compiled.captured.length(flat)
             self._last_n = n
@@ -318,6 +322,7 @@ class DisaggregatedModel:
                 raise InputError("the workers that held this cache were stopped (close() or a "
                                  "failure); start again from the prompt with a new cache")
             compiled = self.prepare(new)
+            check_all(compiled.contracts, kwargs)      # over cached and new tokens
             flat = flat_inputs(compiled.captured, new, past)
             drop, self._released_caches[:] = tuple(self._released_caches), []
             step = CacheStep(cache.cache_id, EXTEND if past else FILL, past, drop)

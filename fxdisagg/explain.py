@@ -49,6 +49,8 @@ def _mask_words(node) -> str:
         words += [f"window ahead {ahead}"] * (ahead is not None)
     if a["softcap"] is not None:
         words.append(f"logit soft-capping {a['softcap']:g}")
+    if a["alibi"] is not None:
+        words.append(f"ALiBi (slopes {a['alibi'][0]:.3g} .. {a['alibi'][-1]:.3g})")
     if q_doc is not None:
         words.append("documents (packed sequences)")
     if k_valid is not None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fxdisagg import comm
-from fxdisagg.kernels.reference import expand_kv_heads, soft_capped, visibility
+from fxdisagg.kernels.reference import alibi_bias, expand_kv_heads, soft_capped, visibility
 from fxdisagg.plan import assign
 
 
@@ -36,10 +36,12 @@ from fxdisagg.plan import assign
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Optional[Tensor],
               k_pos: Optional[Tensor], q_doc: Optional[Tensor], k_doc: Optional[Tensor],
               k_valid: Optional[Tensor], scale: float, causal: bool, window: Optional[int],
-              window_ahead: Optional[int] = None, softcap: Optional[float] = None) -> Tensor:
+              window_ahead: Optional[int] = None, softcap: Optional[float] = None,
+              alibi: Optional[list[float]] = None) -> Tensor:
     """softmax(q k^T * scale + mask) v with GQA by head mapping. ``mask`` is bool (True =
     visible) or additive float, broadcastable to [B, Hq, Mq, Mk]; positions default to the
-    token index. Rows with no visible key give 0. Runs in the input dtype with fp32 softmax."""
+    token index; ``alibi`` (one slope per query head) adds ``slope * (k_pos - q_pos)``.
+    Rows with no visible key give 0. Runs in the input dtype with fp32 softmax."""
     k = expand_kv_heads(k, q.shape[1])  # [B, Hq, Mk, D]
     v = expand_kv_heads(v, q.shape[1])
     mq, mk = q.shape[2], k.shape[2]
@@ -47,6 +49,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Op
     q_pos = q_pos if q_pos is not None else torch.arange(mq, device=q.device)
     k_pos = k_pos if k_pos is not None else torch.arange(mk, device=q.device)
     visible = visibility(q_pos, k_pos, causal, window, q_doc, k_doc, k_valid, window_ahead)[:, None]
+    if alibi is not None:
+        scores = scores + alibi_bias(q_pos, k_pos, torch.tensor(alibi, device=q.device))
     if mask is not None:
         if mask.dtype == torch.bool:
             visible = visible & mask
@@ -59,8 +63,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_pos: Op
 
 @attention.register_fake
 def _(q, k, v, mask, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window,
-      window_ahead=None, softcap=None):
-    return q.new_empty(q.shape)
+      window_ahead=None, softcap=None, alibi=None):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
 # -- one attention shard of a token-indexed tensor ---------------------------------------------

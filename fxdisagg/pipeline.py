@@ -23,13 +23,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class PassContext:
-    """What passes share: the sequence symbol, the configuration, rewrite counts, warnings."""
+    """What passes share: the sequence symbol, the configuration, rewrite counts, warnings,
+    and the input contracts their proofs need (`fxdisagg.contracts`)."""
 
     seq: sympy.Symbol
     config: Config = dataclasses.field(default_factory=Config)
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    contracts: set = dataclasses.field(default_factory=set)  # `fxdisagg.contracts` on inputs
     dumper: object = None
 
     alpha = property(lambda self: self.config.alpha)

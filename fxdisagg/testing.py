@@ -9,14 +9,14 @@ import time
 
 import torch
 
-FAMILIES = ("llama", "gpt2", "bert", "mistral", "qwen2")
+FAMILIES = ("llama", "gpt2", "bert", "mistral", "qwen2", "bloom")
 
 
 def tiny_model(family: str, *, attn: str = "sdpa", layers: int = 2, hidden: int = 64,
                heads: int = 4, kv_heads: int = 2, vocab: int = 128, seed: int = 0,
                sliding_window: int = 5, dtype=torch.float32) -> torch.nn.Module:
     """An eval-mode HF model of ``family`` (GQA for llama/mistral/qwen2, sliding window
-    ``sliding_window`` for mistral, qkv bias for qwen2)."""
+    ``sliding_window`` for mistral, qkv bias for qwen2, ALiBi for bloom)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -40,6 +40,9 @@ def tiny_model(family: str, *, attn: str = "sdpa", layers: int = 2, hidden: int 
         m = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden,
                                                num_hidden_layers=layers, num_attention_heads=heads,
                                                num_key_value_heads=kv_heads, **common))
+    elif family == "bloom":   # ALiBi, heads folded into the batch dim; HF ships eager only
+        m = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads,
+                                               vocab_size=vocab, attn_implementation="eager"))
     else:
         raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
     return m.to(dtype).eval()

@@ -22,9 +22,10 @@ Conventions (numerical, shared by all backends):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -112,6 +113,25 @@ def _check_features(q: Tensor, k: Tensor, f: TileFeatures) -> None:
         _check(w is None or is_int, op, f"{name} must be None or an int, got {w!r}")
 
 
+def _slopes(alibi, q: Tensor) -> Optional[Tensor]:
+    """ALiBi slopes as fp32 `[Hq]` on q's device (a list, as the graph op passes them, is
+    converted once per distinct list and device)."""
+    if alibi is None:
+        return None
+    if not isinstance(alibi, Tensor):
+        _check(all(isinstance(x, (int, float)) for x in alibi), "partial_attention",
+               f"alibi must be a Tensor or a sequence of numbers, got {alibi!r}")
+        alibi = _slopes_tensor(tuple(float(x) for x in alibi), q.device)
+    _check(alibi.shape == (q.shape[1],) and alibi.is_floating_point(), "partial_attention",
+           lambda: f"alibi must hold one slope per query head ({q.shape[1]}), got {describe(alibi)}")
+    return alibi.to(device=q.device, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _slopes_tensor(slopes: tuple, device: torch.device) -> Tensor:
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
 def partial_attention(
     q: Tensor,
     k: Tensor,
@@ -128,13 +148,15 @@ def partial_attention(
     backend: Optional[str] = None,
     window_ahead: Optional[int] = None,
     softcap: Optional[float] = None,
+    alibi: Optional[Union[Tensor, Sequence[float]]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of queries q over one key shard (k, v): `(out, lse)`.
 
     q `[B, Hq, Mq, D]`; k, v `[B, Hkv, Mk, D]`; q_pos `[Mq]|[B, Mq]`, k_pos `[Mk]|[B, Mk]`
     int64 token positions. Visibility (`reference.visibility`): causal `k_pos <= q_pos`,
     window `q_pos - k_pos < window`, window ahead `k_pos - q_pos < window_ahead`, documents `q_doc == k_doc`, `k_valid` (False = padding).
-    scale defaults to `1/sqrt(D)`; softcap caps the scaled scores at `softcap * tanh(s / softcap)`. Returns out (q's dtype) `[B, Hq, Mq, D]` and lse (fp32,
+    scale defaults to `1/sqrt(D)`; softcap caps the scaled scores at `softcap * tanh(s / softcap)`;
+    alibi (Hq slopes) adds `alibi[h] * (k_pos - q_pos)` to them. Returns out (q's dtype) `[B, Hq, Mq, D]` and lse (fp32,
     natural log) `[B, Hq, Mq]`; rows with no visible key give out 0, lse -inf.
     Raises KernelError on malformed arguments.
     """
@@ -142,7 +164,8 @@ def partial_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     features = TileFeatures(q_pos, k_pos, scale=scale, causal=bool(causal), window=window,
                             window_ahead=window_ahead, q_doc=q_doc, k_doc=k_doc,
-                            k_valid=k_valid, softcap=None if softcap is None else float(softcap))
+                            k_valid=k_valid, softcap=None if softcap is None else float(softcap),
+                            alibi=_slopes(alibi, q))
     _check_features(q, k, features)
     name = resolve_backend(backend, q.device, "partial_attention")
     out, lse = _backend(name).partial_attention(q, k, v, features)

@@ -17,7 +17,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from fxdisagg.kernels.reference import visibility
+from fxdisagg.kernels.reference import alibi_bias, visibility
 
 
 @dataclass(frozen=True, eq=False)  # eq by identity: `==` on tensor fields is elementwise
@@ -37,6 +37,7 @@ class TileFeatures:
     window: Optional[int] = None  # q_pos - k_pos < window
     window_ahead: Optional[int] = None  # k_pos - q_pos < window_ahead
     softcap: Optional[float] = None  # scores s become softcap * tanh(s / softcap) (Gemma 2)
+    alibi: Optional[Tensor] = None  # fp32 [Hq] slopes: scores += alibi[h] * (k_pos - q_pos)
     q_doc: Optional[Tensor] = None  # int64, as q_pos; given with k_doc: q_doc == k_doc
     k_doc: Optional[Tensor] = None  # int64, as k_pos
     k_valid: Optional[Tensor] = None  # bool, as k_pos; False = padding key
@@ -49,6 +50,14 @@ class TileFeatures:
     def masks_nothing(self) -> bool:
         """Every key is visible to every query."""
         return not self.causal and self.only_causal()
+
+    def bends_scores(self) -> bool:
+        """Soft-capping or ALiBi changes the scores themselves (not only which are seen)."""
+        return self.softcap is not None or self.alibi is not None
+
+    def bias(self) -> Optional[Tensor]:
+        """The ALiBi term `[B|1, Hq, Mq, Mk]` fp32 (`reference.alibi_bias`), None without it."""
+        return None if self.alibi is None else alibi_bias(self.q_pos, self.k_pos, self.alibi)
 
     def visibility(self) -> Tensor:
         """bool `[B|1, Mq, Mk]` by `reference.visibility`."""

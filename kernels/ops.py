@@ -28,7 +28,7 @@ from fxdisagg.kernels import api
 _PARTIAL_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor? q_doc, Tensor? k_doc, "
     "Tensor? k_valid, float scale, bool causal, int? window, str backend, "
-    "int? window_ahead=None, float? softcap=None) -> (Tensor, Tensor)"
+    "int? window_ahead=None, float? softcap=None, float[]? alibi=None) -> (Tensor, Tensor)"
 )
 _MERGE_SCHEMA = "(Tensor outs, Tensor lses, str backend) -> (Tensor, Tensor)"
 
@@ -53,18 +53,19 @@ def partial_attention(
     backend: str,
     window_ahead: Optional[int] = None,
     softcap: Optional[float] = None,
+    alibi: Optional[list[float]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Graph op for `api.partial_attention`: out `[B, Hq, Mq, D]`, lse fp32 `[B, Hq, Mq]`."""
     return api.partial_attention(
         q, k, v, q_pos, k_pos, scale=scale, causal=causal, window=window,
         q_doc=q_doc, k_doc=k_doc, k_valid=k_valid, backend=backend or None,
-        window_ahead=window_ahead, softcap=softcap,
+        window_ahead=window_ahead, softcap=softcap, alibi=alibi,
     )
 
 
 def _partial_attention_fake(
     q, k, v, q_pos, k_pos, q_doc, k_doc, k_valid, scale, causal, window, backend,
-    window_ahead=None, softcap=None,
+    window_ahead=None, softcap=None, alibi=None,
 ):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Hq, Mq, D]
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # [B, Hq, Mq]

@@ -9,6 +9,7 @@ Conventions (shared by every backend, see `api.py`):
 - q `[B, Hq, Mq, D]`, k/v `[B, Hkv, Mk, D]`; query head h reads kv head `h // (Hq // Hkv)`.
 - lse is the natural-log log-sum-exp of `scale * q.k` over the visible keys, fp32,
   `[B, Hq, Mq]`. A row with no visible key has out 0 and lse -inf.
+- scores are `softcap(scale * q.k) + alibi_bias` (each optional), then masked.
 - Inputs are assumed already validated by `api.py`; the masking features and the scale
   come as one `features.TileFeatures`, whose `visibility()` applies `visibility` here.
 """
@@ -87,6 +88,19 @@ def soft_capped(scores: Tensor, softcap: Optional[float]) -> Tensor:
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
+def alibi_bias(q_pos: Tensor, k_pos: Tensor, slopes: Tensor) -> Tensor:
+    """ALiBi (Press et al.): `slopes[h] * (k_pos - q_pos)`, `[B|1, Hq, Mq, Mk]` in slopes'
+    dtype, added to the scaled (and soft-capped) scores before the mask.
+
+    Relative to the query, not `slopes[h] * k_pos` as HF's Bloom writes it: the two differ
+    by a constant per query row, which softmax ignores, and every tile of a row shifts its
+    lse by the same constant, so partials still merge exactly. The relative form keeps the
+    bias of visible (past) keys small in magnitude at any position, where `slope * k_pos`
+    grows with the sequence and eats fp32 mantissa bits of the scores."""
+    rel = _as_rows(k_pos)[:, None, :] - _as_rows(q_pos)[:, :, None]  # [B|1, Mq, Mk]
+    return slopes[None, :, None, None] * rel[:, None].to(slopes.dtype)
+
+
 def partial_attention(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
     """Dense masked softmax attention in fp64; out in q's dtype, lse fp32 `[B, Hq, Mq]`."""
     hq = q.shape[1]
@@ -95,6 +109,8 @@ def partial_attention(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple
     v64 = expand_kv_heads(v.double(), hq)  # [B, Hq, Mk, D]
     vis = f.visibility()[:, None]  # [B|1, 1, Mq, Mk]
     scores = soft_capped((q64 @ k64.transpose(-1, -2)) * f.scale, f.softcap)  # [B, Hq, Mq, Mk]
+    if f.alibi is not None:
+        scores = scores + alibi_bias(f.q_pos, f.k_pos, f.alibi.double())
     scores = scores.masked_fill(~vis, NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Mq]; -inf where nothing is visible
     lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)

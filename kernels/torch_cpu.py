@@ -9,7 +9,8 @@ the log-sum-exp we need, and the tiles R-sharding produces are causal triangles:
    top-left causal call; if it is `tril(-1)` (query stripe before key stripe: local query
    a sees local key b iff b < a) -> row 0 sees nothing, rows 1.. are a causal call;
 3. anything else                    -> a per-tile additive mask `[B|1, 1, Mq, Mk]` built
-   from the features by `reference.visibility`, rows with no visible key fixed afterwards.
+   from the features by `reference.visibility`, rows with no visible key fixed afterwards;
+   with ALiBi the mask is per head and holds the bias (`[B|1, Hq, Mq, Mk]`).
 
 Before that, features that cannot mask anything in this tile are dropped in O(Mq + Mk)
 (all keys valid, one document, windows wider than the tile's span, all keys in the past),
@@ -156,7 +157,8 @@ def _triangle(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int) -> tup
 
 
 def _masked(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
-    """General tile: additive mask `[B|1, 1, Mq, Mk]` (the CPU kernel rejects bool masks).
+    """General tile: additive mask `[B|1, 1, Mq, Mk]` (the CPU kernel rejects bool masks);
+    with ALiBi the mask carries the bias too, per head: `[B|1, Hq, Mq, Mk]`.
 
     GQA either folds the group into the query rows, which repeats the mask G times, or
     expands k/v to every query head: whichever copies less. Decode tiles (Mq = 1 against
@@ -165,7 +167,11 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, T
     mask = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, NEG_INF)
     b, hq, mq, d = q.shape
     g = hq // k.shape[1]
-    if g > 1 and mask.shape[0] * g * mq < 2 * b * hq * d:
+    if f.alibi is not None:  # per head: [B|1, Hq, Mq, Mk]
+        bias = f.bias().to(q.dtype).masked_fill(~vis[:, None], NEG_INF)
+        k, v = expand_kv_heads(k, hq), expand_kv_heads(v, hq)  # [B, Hq, Mk, D]
+        out, lse = _flash(q, k, v, f.scale, False, bias)
+    elif g > 1 and mask.shape[0] * g * mq < 2 * b * hq * d:
         qf = q.reshape(b, hq // g, g * mq, d)  # [B, Hkv, G*Mq, D]: row gi*Mq + m
         rows = mask[:, None].expand(-1, g, mq, -1).reshape(-1, 1, g * mq, mask.shape[-1])  # a view at Mq = 1
         out, lse = _flash(qf, k, v, f.scale, False, rows)
@@ -188,6 +194,8 @@ def _math(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Ten
     hq = q.shape[1]
     k, v = expand_kv_heads(k.to(acc), hq), expand_kv_heads(v.to(acc), hq)  # [B, Hq, Mk, D]
     scores = soft_capped((q.to(acc) @ k.transpose(-1, -2)) * f.scale, f.softcap)  # [B, Hq, Mq, Mk]
+    if f.alibi is not None:
+        scores = scores + f.bias().to(acc)
     if not f.masks_nothing():
         scores = scores.masked_fill(~f.visibility()[:, None], NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Mq]
@@ -208,6 +216,8 @@ def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]
         return "empty", f
     if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES or f.softcap is not None:
         return "math", f   # the flash kernel has no soft-capping: the exact dense path
+    if f.alibi is not None:
+        return "masked", f  # the bias rides in the additive mask
     if f.masks_nothing():
         return "plain", f
     if f.only_causal():

@@ -219,6 +219,7 @@ def _partial_attention_impl(
     scale: float, causal: bool, window: Optional[int], q_doc: Optional[torch.Tensor],
     k_doc: Optional[torch.Tensor], k_valid: Optional[torch.Tensor],
     window_ahead: Optional[int] = None, softcap: Optional[float] = None,
+    alibi: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Body of `fxdisagg::triton_partial_attention`, also its fake implementation (fake
     tensors allocate the outputs; `wrap_triton` records the launch, or under the
@@ -228,7 +229,7 @@ def _partial_attention_impl(
     B, Hq, Mq, D = q.shape
     Hkv, Mk = k.shape[1], k.shape[2]
     f = kernel_features(q, k, q_pos, k_pos, scale, causal, window, q_doc, k_doc, k_valid,
-                        window_ahead, softcap)
+                        window_ahead, softcap, alibi)
     out = torch.empty((B, Hq, Mq, D), dtype=q.dtype, device=q.device)  # [B, Hq, Mq, D]
     lse = torch.empty((B, Hq, Mq), dtype=torch.float32, device=q.device)  # [B, Hq, Mq]
     if Mq == 0 or B * Hq == 0:
@@ -349,7 +350,7 @@ def partial_attention(
         q, k, v, f.q_pos, f.k_pos, float(f.scale), bool(f.causal),
         None if f.window is None else int(f.window), f.q_doc, f.k_doc, f.k_valid,
         None if f.window_ahead is None else int(f.window_ahead),
-        None if f.softcap is None else float(f.softcap),
+        None if f.softcap is None else float(f.softcap), f.alibi,
     )
 
 

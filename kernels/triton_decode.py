@@ -122,12 +122,15 @@ class KernelFeatures:
     window: Optional[int]
     window_ahead: Optional[int] = None
     softcap: Optional[float] = None
+    alibi: Optional[torch.Tensor] = None  # fp32 [Hq] ALiBi slopes
 
     def pointers(self) -> tuple:
-        """QPOS, KPOS, QDOC, KDOC, KVALID; absent features become positions (never read)."""
+        """QPOS, KPOS, QDOC, KDOC, KVALID, ALIBI; absent features become positions (never
+        read)."""
         def _or(t):
             return self.k_pos if t is None else t
-        return self.q_pos, self.k_pos, _or(self.q_doc), _or(self.k_doc), _or(self.k_valid)
+        return (self.q_pos, self.k_pos, _or(self.q_doc), _or(self.k_doc), _or(self.k_valid),
+                _or(self.alibi))
 
     def scalars(self) -> tuple:
         """qk_scale_log2 (the kernels work in base 2), the window and the window ahead
@@ -145,6 +148,7 @@ class KernelFeatures:
             HAS_WINDOW=self.window is not None,
             HAS_WINDOW_AHEAD=self.window_ahead is not None,
             HAS_SOFTCAP=self.softcap is not None,
+            HAS_ALIBI=self.alibi is not None,
             HAS_DOC=self.q_doc is not None,
             HAS_VALID=self.k_valid is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -152,7 +156,7 @@ class KernelFeatures:
 
 
 def kernel_features(q, k, q_pos, k_pos, scale, causal=True, window=None, q_doc=None, k_doc=None,
-                    k_valid=None, window_ahead=None, softcap=None) -> KernelFeatures:
+                    k_valid=None, window_ahead=None, softcap=None, alibi=None) -> KernelFeatures:
     """Check the features of tile (q `[B, Hq, Mq, D]`, k `[B, Hkv, Mk, D]`) and lay them
     out for the kernels. Raises KernelError naming the feature."""
     B, Mq, Mk, dev = q.shape[0], q.shape[2], k.shape[2], q.device
@@ -163,8 +167,13 @@ def kernel_features(q, k, q_pos, k_pos, scale, causal=True, window=None, q_doc=N
     qd, s_qd = _per_token(q_doc, "q_doc", B, Mq, torch.int64, dev)
     kd, s_kd = _per_token(k_doc, "k_doc", B, Mk, torch.int64, dev)
     kv, s_kv = _per_token(k_valid, "k_valid", B, Mk, torch.bool, dev)
+    if alibi is not None and (alibi.shape != (q.shape[1],) or alibi.dtype != torch.float32
+                              or alibi.device != dev):
+        raise KernelError(f"triton backend: alibi must be fp32 [{q.shape[1]}] on {dev}, got "
+                          f"{describe(alibi)}")
     return KernelFeatures(qp, kp, qd, kd, kv, (s_qp, s_kp, s_qd, s_kd, s_kv),
-                          float(scale), bool(causal), window, window_ahead, softcap)
+                          float(scale), bool(causal), window, window_ahead, softcap,
+                          None if alibi is None else alibi.contiguous())
 
 
 def key_bounds(f: KernelFeatures) -> torch.Tensor:

@@ -22,8 +22,8 @@ Numerical conventions (see `api.py`):
 Whether these functions run compiled or in Triton's CPU interpreter is decided when this
 module is imported (`@triton.jit` reads `TRITON_INTERPRET` at decoration time).
 
-One module of ~420 lines on purpose: every kernel's features (causal, windows ahead and
-behind, soft-capping, documents, padding) are spelled once, in `_attend_key_block`, which
+One module of ~430 lines on purpose: every kernel's features (causal, windows ahead and
+behind, soft-capping, ALiBi, documents, padding) are spelled once, in `_attend_key_block`, which
 both attention kernels inline; splitting the device code would split that one definition.
 """
 
@@ -76,8 +76,9 @@ def _attend_key_block(
     start_n, n_end,  # keys [start_n, min(start_n + BLOCK_N, n_end)) of the shard
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap,
+    slope,  # fp32 [BLOCK_M]: each row's ALiBi slope (read when HAS_ALIBI)
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_AHEAD: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DOC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key block of the online softmax: returns `(acc, l_i, m_i, loaded)`, loaded = 1
@@ -130,6 +131,9 @@ def _attend_key_block(
         if HAS_SOFTCAP:  # softcap * tanh(s / softcap) on the natural-log scores, back to base 2
             cap = softcap * 1.4426950408889634  # the cap in base-2 units
             s = _tanh(s / cap) * cap
+        if HAS_ALIBI:  # slope * (k_pos - q_pos), in base-2 units; visibility is unchanged
+            rel = (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+            s = s + (slope * _LOG2E)[:, None] * rel
         if need_mask:
             vis = n_ok[None, :] & m_ok[:, None]
             if IS_CAUSAL:
@@ -175,6 +179,7 @@ def partial_attention_fwd_kernel(
     QPOS, KPOS,  # int64 [B or 1, Mq], [B or 1, Mk]; last dim contiguous
     QDOC, KDOC,  # int64, same layout as positions (dummies when HAS_DOC is False)
     KVALID,  # uint8 [B or 1, Mk] (dummy when HAS_VALID is False); 0 = padding key
+    ALIBI,  # fp32 [Hq]: ALiBi slope per query head (dummy when HAS_ALIBI is False)
     OUT,  # [B, Hq, Mq, D], dtype of Q
     LSE,  # fp32 [B, Hq, Mq], natural log
     qk_scale_log2,  # softmax scale * log2(e): scores are kept in base 2
@@ -196,6 +201,7 @@ def partial_attention_fwd_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_WINDOW_AHEAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else the default
@@ -232,6 +238,9 @@ def partial_attention_fwd_kernel(
     q_pos, q_pos_min, q_pos_max, q_doc, q_doc_min, q_doc_max = _query_features(
         QPOS + b64 * stride_qpb, QDOC + b64 * stride_qdb, offs_m, m_ok, HAS_DOC)
 
+    slope = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:
+        slope += tl.load(ALIBI + h)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -241,8 +250,8 @@ def partial_attention_fwd_kernel(
             k_base, v_base,
             KPOS + b64 * stride_kpb, KDOC + b64 * stride_kdb, KVALID + b64 * stride_kvb,
             start_n, Mk, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap,
-            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_SOFTCAP, HAS_DOC, HAS_VALID,
+            offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap, slope,
+            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_SOFTCAP, HAS_ALIBI, HAS_DOC, HAS_VALID,
             DOT_PRECISION, BLOCK_N)
     out, lse = _finish_rows(acc, l_i, m_i)
 
@@ -258,7 +267,7 @@ def partial_attention_fwd_kernel(
 
 @triton.jit
 def partial_attention_decode_kernel(
-    Q, K, V, QPOS, KPOS, QDOC, KDOC, KVALID, OUT, LSE,  # as partial_attention_fwd_kernel
+    Q, K, V, QPOS, KPOS, QDOC, KDOC, KVALID, ALIBI, OUT, LSE,  # as partial_attention_fwd_kernel
     KBOUNDS,  # int32 [B or 1, 2]: (lo, hi) per batch row; keys outside [lo, hi) are
               # visible to no query of the row (any superset of the visible keys is correct)
     NBLOCKS,  # int32 [B * Hkv, cdiv(GROUP * Mq, BLOCK_M)]: key blocks loaded per program,
@@ -280,6 +289,7 @@ def partial_attention_decode_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_WINDOW_AHEAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     HAS_DOC: tl.constexpr,
     HAS_VALID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -319,6 +329,9 @@ def partial_attention_decode_kernel(
         QPOS + b64 * stride_qpb, QDOC + b64 * stride_qdb, offs_q, m_ok, HAS_DOC)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    slope = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + head, mask=m_ok, other=0.0)
     lo = tl.load(KBOUNDS + b64 * stride_bb)
     hi = tl.load(KBOUNDS + b64 * stride_bb + 1)
 
@@ -333,8 +346,8 @@ def partial_attention_decode_kernel(
             k_base, v_base,
             KPOS + b64 * stride_kpb, KDOC + b64 * stride_kdb, KVALID + b64 * stride_kvb,
             start_n, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap,
-            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_SOFTCAP, HAS_DOC, HAS_VALID,
+            offs_d, d_ok, qk_scale_log2, window, window_ahead, softcap, slope,
+            IS_CAUSAL, HAS_WINDOW, HAS_WINDOW_AHEAD, HAS_SOFTCAP, HAS_ALIBI, HAS_DOC, HAS_VALID,
             DOT_PRECISION, BLOCK_N)
         if COUNT_BLOCKS:
             n_loaded += loaded

@@ -23,207 +23,36 @@ atoms, each of which must be one of:
     Q >= 0 over token indices            trivially true
 
 where p, d, v are token-indexed tensors. Additive float masks ``where(m, 0, min)`` are the
-same atoms. Anything else (query-dependent terms, ``or``, offsets other than these) raises
-`UnsupportedMaskError`.
+same atoms. A float mask may also add one score bias: ``slope[H] * p[K]`` (times
+constants) is ALiBi, the slopes a constant of the graph (evaluated here) and p the key's
+token index or ``(cumsum(m) - 1) * m`` of an input mask m; the latter is exact only when
+each row of m has its ones in one run, an input contract (`fxdisagg.contracts`) checked on
+every call. Anything else (query-dependent terms, ``or``, offsets other than these, other
+biases) raises `UnsupportedMaskError`.
 
 Counts: ``classify_masks.causal``, ``.window``, ``.two-sided window``, ``.padding``,
-``.documents``.
+``.documents``, ``.alibi``.
 
-One module on purpose (~400 lines): the abstract interpreter and the classifier of its
-terms are one proof; apart, neither can be read or tested alone.
+The abstract interpretation lives in `fxdisagg.mask_terms`; this module classifies its
+Terms and rewrites the attentions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 
 import torch
 import torch.fx as fx
 
+from fxdisagg.contracts import OnesInOneRun
 from fxdisagg.errors import UnsupportedMaskError
 from fxdisagg.graph import describe_node, seq_dims, val
 from fxdisagg.ir import OPS, args_of, make_node, set_args
+from fxdisagg.mask_terms import IDENTITY_OPS, Interpreter, Unclassifiable, Vars, show
 from fxdisagg.pipeline import PassContext
 
 aten = torch.ops.aten
-
-_COMPARE = {aten.le.Tensor: "le", aten.le.Scalar: "le", aten.lt.Tensor: "lt", aten.lt.Scalar: "lt",
-            aten.ge.Tensor: "ge", aten.ge.Scalar: "ge", aten.gt.Tensor: "gt", aten.gt.Scalar: "gt",
-            aten.eq.Tensor: "eq", aten.eq.Scalar: "eq", aten.ne.Tensor: "ne", aten.ne.Scalar: "ne"}
-_AND = {aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default}
-_ARITH = {aten.add.Tensor: "add", aten.add.Scalar: "add", aten.sub.Tensor: "sub", aten.sub.Scalar: "sub"}
-_SAME = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device,
-         aten.clone.default, aten.contiguous.default, aten.alias.default}
-
-
-class Unclassifiable(Exception):
-    """Internal: the mask is not provably one of the supported atoms (becomes
-    `UnsupportedMaskError` naming the layer)."""
-
-
-class Vars:
-    """Union-find over index variables: broadcasting two axes together unifies them."""
-
-    def __init__(self):
-        self.parent: dict[int, int] = {}
-        self.fresh = itertools.count()
-
-    def new(self) -> int:
-        v = next(self.fresh)
-        self.parent[v] = v
-        return v
-
-    def find(self, v):
-        if v is None:
-            return None
-        while self.parent[v] != v:
-            v = self.parent[v]
-        return v
-
-    def union(self, a, b):
-        if a is None or b is None:
-            return a if b is None else b
-        ra, rb = self.find(a), self.find(b)
-        self.parent[rb] = ra
-        return ra
-
-
-@dataclasses.dataclass(frozen=True)
-class Term:
-    """A tensor as an expression of index variables. ``dims[d]`` is the variable that
-    indexes tensor dim d, or None for a broadcast (size-1 or expanded) dim.
-
-    expr forms: ("const", x) | ("idx", var) | ("feat", node, vars) | (op, *args)."""
-
-    dims: tuple
-    expr: tuple
-
-
-# -- abstract interpretation ---------------------------------------------------------------
-class Interpreter:
-    def __init__(self, seq):
-        self.seq = seq
-        self.vars = Vars()
-        self.memo: dict[fx.Node, Term] = {}
-
-    def term(self, a) -> Term:
-        if isinstance(a, (bool, int, float)):
-            return Term((), ("const", a))
-        if not isinstance(a, fx.Node):
-            raise Unclassifiable(f"unexpected argument {a!r}")
-        if a not in self.memo:
-            self.memo[a] = self._eval(a)
-        return self.memo[a]
-
-    def _eval(self, n: fx.Node) -> Term:
-        t = n.target
-        if n.op != "call_function":
-            return self._opaque(n)
-        if t is aten.arange.default and len(n.args) == 1:
-            v = self.vars.new()
-            return Term((v,), ("idx", v))
-        if t in _ARITH and n.args[1] == 0:
-            return self.term(n.args[0])  # HF's `arange(N) + past_length` with no past
-        if t in _ARITH:
-            return self._broadcast(n, _ARITH[t], n.args[:2])
-        if t is aten.unsqueeze.default:
-            x = self.term(n.args[0])
-            d = n.args[1] % (len(x.dims) + 1)
-            return Term(x.dims[:d] + (None,) + x.dims[d:], x.expr)
-        if t is aten.expand.default:
-            x = self.term(n.args[0])
-            return Term((None,) * (len(n.args[1]) - len(x.dims)) + x.dims, x.expr)
-        if t is aten.slice.Tensor:
-            return self._slice(n)
-        if t is aten.index.Tensor:
-            return self._index(n)
-        if t in _COMPARE:
-            return self._broadcast(n, _COMPARE[t], n.args[:2])
-        if t in _AND:
-            return self._broadcast(n, "and", n.args[:2])
-        if t in _SAME:
-            return self.term(n.args[0])
-        if t is aten.abs.default:
-            x = self.term(n.args[0])
-            return Term(x.dims, ("abs", x.expr))
-        if t is aten.new_ones.default and n.args[1] == []:
-            return Term((), ("const", True))
-        if t in (aten.zeros.default,) and n.args[0] == []:
-            return Term((), ("const", 0.0))
-        if t is aten.full.default and n.args[0] == []:
-            return Term((), ("const", n.args[1]))
-        if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
-            return self._broadcast(n, "where", n.args[:3])
-        return self._opaque(n)
-
-    def _opaque(self, n: fx.Node) -> Term:
-        """A token-indexed tensor of the graph used as is: a leaf with a fresh var per dim."""
-        v = val(n)
-        if not isinstance(v, torch.Tensor) or len(seq_dims(n, self.seq)) != 1 or v.dim() > 2:
-            raise Unclassifiable(f"{describe_node(n)} is not a per-token tensor")
-        dims = tuple(None if (isinstance(s, int) and s == 1) else self.vars.new() for s in v.shape)
-        return Term(dims, ("feat", n, dims))
-
-    def _slice(self, n: fx.Node) -> Term:
-        a = args_of(n)
-        x = self.term(a["self"])
-        dim, start, end, step = a["dim"], a["start"], a["end"], a["step"]
-        size = val(a["self"]).shape[dim]
-        if start in (0, None) and step == 1 and (end is None or end >= 2 ** 62 or
-                                                 _same_size(end, size)):
-            return x
-        raise Unclassifiable(f"{describe_node(n)} slices the mask")
-
-    def _index(self, n: fx.Node) -> Term:
-        base = self.term(n.args[0])
-        idx = [self.term(i) for i in n.args[1]]
-        if any(i is None for i in n.args[1]) or len(idx) != len(base.dims):
-            raise Unclassifiable(f"{describe_node(n)}: only full advanced indexing is understood")
-        subst = {}
-        for bvar, it in zip(base.dims, idx):
-            if it.expr[0] != "idx":
-                raise Unclassifiable(f"{describe_node(n)} indexes by a computed tensor")
-            if bvar is not None:
-                subst[self.vars.find(bvar)] = it.expr[1]
-        dims = self._broadcast_dims([i.dims for i in idx])
-        return Term(dims, _substitute(base.expr, subst, self.vars))
-
-    def _broadcast_dims(self, dimss) -> tuple:
-        rank = max(len(d) for d in dimss)
-        out = []
-        for pos in range(rank):
-            v = None
-            for d in dimss:
-                k = pos - (rank - len(d))
-                if k >= 0:
-                    v = self.vars.union(v, d[k])
-            out.append(v)
-        return tuple(out)
-
-    def _broadcast(self, n, op, args) -> Term:
-        terms = [self.term(a) for a in args]
-        return Term(self._broadcast_dims([t.dims for t in terms]), (op, *[t.expr for t in terms]))
-
-
-def _same_size(a, b) -> bool:
-    if isinstance(a, fx.Node):
-        a = val(a)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - symbolic comparison undecidable
-        return False
-
-
-def _substitute(expr, subst, vars_: Vars):
-    kind = expr[0]
-    if kind == "idx":
-        return ("idx", subst.get(vars_.find(expr[1]), expr[1]))
-    if kind == "feat":
-        return ("feat", expr[1], tuple(None if v is None else subst.get(vars_.find(v), v) for v in expr[2]))
-    if kind == "const":
-        return expr
-    return (kind, *[_substitute(e, subst, vars_) for e in expr[1:]])
 
 
 # -- classification ----------------------------------------------------------------------------
@@ -235,18 +64,38 @@ class Features:
     pos: fx.Node | None = None      # None: the token index
     doc: fx.Node | None = None
     valid: fx.Node | None = None
+    alibi: list | None = None       # ALiBi slopes, one per head
+    ones_in_one_run: fx.Node | None = None  # an input whose 1s must be one run per row
     kinds: list = dataclasses.field(default_factory=list)
 
 
 class Classifier:
-    """Turns the mask Term into `Features`, given which variables are Q, K and batch."""
+    """Turns the mask Term into `Features`, given which variables are Q, K, batch and head."""
 
-    def __init__(self, vars_: Vars, q, k, b):
+    def __init__(self, vars_: Vars, q, k, b, h=None):
         self.vars, self.q, self.k, self.b = vars_, vars_.find(q), vars_.find(k), vars_.find(b)
+        self.h = vars_.find(h)
         self.f = Features()
         self.pos_source = "unset"
 
     def classify(self, expr) -> Features:
+        """A sum of masks (``where(c, 0, min)`` or boolean) and at most one score bias."""
+        for term in self._summands(expr):
+            if term[0] in ("mul", "div"):
+                self._bias(term)
+            else:
+                self._mask(term)
+        if self.f.alibi is not None and self.f.pos is not None:
+            raise Unclassifiable("ALiBi is proven only with token-index positions; this mask "
+                                 "takes its positions from a tensor")
+        return self.f
+
+    def _summands(self, e):
+        if e[0] == "add":
+            return [t for x in e[1:] for t in self._summands(x)]
+        return [e]
+
+    def _mask(self, expr) -> None:
         if expr[0] == "where":
             cond, a, b = expr[1:]
             if a == ("const", 0.0) or a == ("const", 0):
@@ -255,7 +104,51 @@ class Classifier:
                     expr = cond
         for atom in self._conjuncts(expr):
             self._atom(atom)
-        return self.f
+
+    # -- ALiBi: slope[head] * key position ------------------------------------------------------
+    def _bias(self, e) -> None:
+        """A score term ``slope[h] * p[k]`` (times constants): ALiBi. p must be the key's
+        token index, or ``(cumsum(m) - 1) * m`` of an input mask m (Bloom, Falcon), which
+        equals the token index up to a constant per row when m's ones form one run per
+        row: that is recorded for `fxdisagg.contracts` to check on every call."""
+        factors, coef = self._factors(e)
+        slopes = [f for f in factors if f[0] == "static"]
+        rest = [f for f in factors if f[0] != "static"]
+        if self.f.alibi is not None or len(slopes) != 1 or \
+                {self._axis(v) for v in slopes[0][2] if v is not None} != {"H"}:
+            raise Unclassifiable(f"score term {show(e)} is not ALiBi (a per-head slope times "
+                                 f"a key position)")
+        values = _static_value(slopes[0][1]).double().flatten() * coef
+        self._alibi_positions(rest, e)
+        self.f.alibi = [float(x) for x in values]
+        self.f.kinds.append("alibi")
+
+    def _factors(self, e):
+        """A product as (non-constant factors, constant coefficient)."""
+        if e[0] == "mul":
+            fa, ca = self._factors(e[1])
+            fb, cb = self._factors(e[2])
+            return fa + fb, ca * cb
+        if e[0] == "div" and e[2][0] == "const":
+            f, c = self._factors(e[1])
+            return f, c / e[2][1]
+        if e[0] == "const":
+            return [], float(e[1])
+        return [e], 1.0
+
+    def _alibi_positions(self, rest, e) -> None:
+        if len(rest) == 1 and rest[0][0] == "idx" and self._axis(rest[0][1]) == "K":
+            return                                # the key's token index
+        subs = [f for f in rest if f[0] == "sub" and f[1][0] == "feat" and f[2] == ("const", 1)]
+        feats = [f for f in rest if f[0] == "feat"]
+        if len(rest) == 2 and len(subs) == 1 and len(feats) == 1:
+            cumsum, mask = subs[0][1][1], feats[0][1]
+            if self._token_axis(feats[0]) == "K" and self._token_axis(subs[0][1]) == "K" \
+                    and _is_cumsum_of(cumsum, mask) and mask.op == "placeholder":
+                self.f.ones_in_one_run = mask
+                return
+        raise Unclassifiable(f"the ALiBi positions in {show(e)} are neither the key's token "
+                             f"index nor (cumsum(mask) - 1) * mask of an input mask")
 
     def _conjuncts(self, e):
         if e[0] == "and":
@@ -264,6 +157,8 @@ class Classifier:
 
     def _axis(self, var):
         r = self.vars.find(var)
+        if r is not None and r == self.h:
+            return "H"
         return "Q" if r == self.q else "K" if r == self.k else "B" if r == self.b else None
 
     def _atom(self, e) -> None:
@@ -281,13 +176,13 @@ class Classifier:
             self.f.valid = e[1]
             self.f.kinds.append("padding")
             return
-        raise Unclassifiable(f"mask term {_show(e)} is not causal, window, document or padding")
+        raise Unclassifiable(f"mask term {show(e)} is not causal, window, document or padding")
 
     def _token_axis(self, feat):
         axes = [self._axis(v) for v in feat[2] if v is not None]
         tok = [a for a in axes if a in ("Q", "K")]
         if len(tok) != 1 or any(a is None for a in axes):
-            raise Unclassifiable(f"{_show(feat)} is not indexed by (batch, token)")
+            raise Unclassifiable(f"{show(feat)} is not indexed by (batch, token)")
         return tok[0]
 
     def _linear(self, e) -> dict:
@@ -299,7 +194,7 @@ class Classifier:
             source = None if kind == "idx" else e[1]
             axis = self._axis(e[1]) if kind == "idx" else self._token_axis(e)
             if axis not in ("Q", "K"):
-                raise Unclassifiable(f"{_show(e)} is not a query or key position")
+                raise Unclassifiable(f"{show(e)} is not a query or key position")
             if self.pos_source not in ("unset", source):
                 raise Unclassifiable("positions come from two different tensors")
             self.pos_source = source
@@ -311,7 +206,7 @@ class Classifier:
             for key, coef in b.items():
                 out[key] = out.get(key, 0) + sign * coef
             return out
-        raise Unclassifiable(f"{_show(e)} is not a linear function of positions")
+        raise Unclassifiable(f"{show(e)} is not a linear function of positions")
 
     def _compare(self, e) -> None:
         op = e[0]
@@ -337,7 +232,7 @@ class Classifier:
         elif (qc, kc) == (-1, 0) and c <= 0 and self.pos_source is None:
             pass                                  # -Q + c <= 0: token index >= -c >= 0 always
         else:
-            raise Unclassifiable(f"comparison {_show(e)} is not causal or a sliding window")
+            raise Unclassifiable(f"comparison {show(e)} is not causal or a sliding window")
         if self.pos_source not in (None, "unset"):
             self.f.pos = self.pos_source
 
@@ -347,7 +242,7 @@ class Classifier:
         inner, bound = self._linear(e[1][1]), self._linear(e[2])
         if op not in ("le", "lt") or set(bound) != {"c"} or \
                 (inner.get("Q", 0), inner.get("K", 0)) not in ((1, -1), (-1, 1)) or inner.get("c", 0):
-            raise Unclassifiable(f"comparison {_show(e)} is not a two-sided window |q - k| <= w")
+            raise Unclassifiable(f"comparison {show(e)} is not a two-sided window |q - k| <= w")
         w = bound["c"] + (1 if op == "le" else 0)      # |Q - K| < w
         self.f.window = w if self.f.window is None else min(self.f.window, w)
         self.f.window_ahead = w if self.f.window_ahead is None else min(self.f.window_ahead, w)
@@ -356,12 +251,37 @@ class Classifier:
             self.f.pos = self.pos_source
 
 
-def _show(e) -> str:
-    if e[0] == "feat":
-        return f"{e[1].name}[...]"
-    if e[0] in ("idx", "const"):
-        return f"{e[0]}({e[1]})"
-    return f"{e[0]}({', '.join(_show(x) for x in e[1:])})"
+def _is_cumsum_of(node: fx.Node, source: fx.Node) -> bool:
+    """``node`` is a cumsum over the last dim of ``source`` (through casts)."""
+    if node.target is not aten.cumsum.default or args_of(node)["dim"] not in (-1, val(node).dim() - 1):
+        return False
+    x = node.args[0]
+    while isinstance(x, fx.Node) and x.target in IDENTITY_OPS:
+        x = x.args[0]
+    return x is source
+
+
+def _static_value(node: fx.Node) -> torch.Tensor:
+    """Evaluate a node that depends on no input (ALiBi slopes: pow, arange, full, cat)."""
+    order: dict[fx.Node, None] = {}
+
+    def visit(n):
+        if n not in order:
+            for a in n.all_input_nodes:
+                visit(a)
+            order[n] = None
+    visit(node)
+    env: dict[fx.Node, object] = {}
+    for n in order:
+        if n.op == "get_attr":
+            env[n] = functools.reduce(getattr, n.target.split("."), n.graph.owning_module)
+        elif n.op == "call_function":
+            env[n] = n.target(*fx.node.map_arg(n.args, env.__getitem__),
+                              **fx.node.map_arg(n.kwargs, env.__getitem__))
+        else:
+            raise Unclassifiable(f"the ALiBi slopes {describe_node(node)} depend on the input "
+                                 f"{n.name}; fxdisagg needs them constant")
+    return env[node]
 
 
 # -- the pass ---------------------------------------------------------------------------------
@@ -374,6 +294,8 @@ def classify_masks(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         feats = _classify(node, a["mask"], ctx.seq, layer)
         _rewrite(gm, node, feats)
+        if feats.ones_in_one_run is not None:
+            ctx.contracts.add(OnesInOneRun(feats.ones_in_one_run.target, f"layer {layer}'s ALiBi"))
         for kind in feats.kinds:
             ctx.count(f"classify_masks.{kind}")
     gm.graph.eliminate_dead_code()
@@ -386,9 +308,7 @@ def _classify(node, mask, seq, layer) -> Features:
     try:
         term = interp.term(mask)
         dims = (None,) * (4 - len(term.dims)) + term.dims
-        if dims[1] is not None:
-            raise Unclassifiable("the mask depends on the head")
-        return Classifier(interp.vars, dims[2], dims[3], dims[0]).classify(term.expr)
+        return Classifier(interp.vars, dims[2], dims[3], dims[0], dims[1]).classify(term.expr)
     except Unclassifiable as e:
         raise UnsupportedMaskError(
             f"classify_masks: the attention mask of layer {layer} ({describe_node(node)}) "
@@ -407,7 +327,7 @@ def _rewrite(gm, node, f: Features) -> None:
             valid = _created(g, aten.ne.Scalar, (valid, 0), torch.ne(val(valid), 0))
     causal = bool(args_of(node)["causal"] or f.causal)
     set_args(node, mask=None, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, k_valid=valid,
-             causal=causal, window=f.window, window_ahead=f.window_ahead)
+             causal=causal, window=f.window, window_ahead=f.window_ahead, alibi=f.alibi)
 
 
 def _per_token(g, n):

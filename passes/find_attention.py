@@ -11,7 +11,12 @@ Spellings matched:
   schemas and ``attn_bias`` in others, and sits at different positions;
 - the eager chain of the seed figure, as HF builds it with ``attn_implementation="eager"``:
   MatMul(q, k^T) -> Scale (mul / div by a constant, optional) -> Mask add (optional) ->
-  SoftMax(-1) -> casts / Dropout(p, train=False) (optional) -> MatMul(., v).
+  SoftMax(-1) -> casts / Dropout(p, train=False) (optional) -> MatMul(., v);
+- the same chain with the heads folded into the batch dim (Bloom): 3-D ``[B*H, N, D]``
+  operands, the scores ``baddbmm(bias, q, k^T, beta, alpha)`` (a score bias such as
+  ALiBi, fused) viewed as ``[B, H, N, N]``, and ``bmm(probs, v)``. q, k, v become 4-D
+  again (their ``[B, H, N, D]`` sources where the graph has them) and the bias joins the
+  mask as an additive term, for `classify_masks` to prove separable.
 A softmax over a sequence dim that is not part of an exact match is an error naming the
 node: an attention-like pattern is never passed through silently.
 
@@ -121,6 +126,8 @@ def _check_dropout(node, p) -> None:
 
 def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
     """Match backwards and forwards from a softmax over the last (key) dim."""
+    if _folded_heads(_split_mask(args_of(softmax)["self"], ctx)[0]) is not None:
+        return _replace_folded(gm, softmax, ctx)
     a = args_of(softmax)
     x, dim = a["self"], a["dim"]
     if not is_tensor(x) or dim % val(x).dim() not in seq_dims(x, ctx.seq):
@@ -151,6 +158,102 @@ def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
     ctx.count("find_attention.eager")
 
 
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+BADDBMM = aten.baddbmm.default
+
+
+def _folded_heads(scores: fx.Node):
+    """``(B, H)`` if scores are ``view(s3, [B, H, Nq, Nk])`` of 3-D ``[B*H, Nq, Nk]``
+    scores (heads folded into the batch dim), else None."""
+    if not is_call(scores, _VIEWS) or not isinstance(scores.args[0], fx.Node):
+        return None
+    src, shape = scores.args[0], scores.args[1]
+    if val(src).dim() != 3 or len(shape) != 4 or not all(isinstance(d, int) for d in shape[:2]):
+        return None
+    return shape[0], shape[1]
+
+
+def _replace_folded(gm, softmax: fx.Node, ctx) -> None:
+    """Bloom's spelling: ``[B*H, N, D]`` operands, ``baddbmm`` scores with a fused bias."""
+    x = args_of(softmax)["self"]
+    scores, mask = _split_mask(x, ctx)
+    b, h = _folded_heads(scores)
+    s3 = scores.args[0]
+    if is_call(s3, BADDBMM):
+        a = args_of(s3)
+        bias, q3, kt3, scale = a["self"], a["batch1"], a["batch2"], float(a["alpha"])
+        bias = _bias_4d(gm, bias, b, h, float(a["beta"]), softmax)
+    else:
+        qk, scale = _split_scale(s3)
+        bias = None
+        if not is_call(qk, aten.bmm.default):
+            _fail(softmax, "expected bmm(q, k^T) or baddbmm(bias, q, k^T) before SoftMax", qk)
+        q3, kt3 = qk.args
+    k3 = _untranspose(kt3)
+    if k3 is None:
+        _fail(softmax, "expected the second bmm operand to be k.transpose(-1, -2)", kt3)
+    chain = _follow_to_matmul(softmax, views=True)
+    if chain is None:
+        _fail(softmax, "expected SoftMax -> (cast/dropout/view) -> bmm(probs, v)", softmax)
+    pv = chain[-1]
+    q, k, v = (_unfold(gm, t, b, h, pv) for t in (q3, k3, pv.args[1]))
+    if bias is not None:
+        mask = bias if mask is None else _added(gm, bias, mask, softmax)
+    new = _emit(gm, pv, q, k, v, mask, scale, False)
+    with gm.graph.inserting_before(pv):
+        out3 = make_node(gm.graph, aten.reshape.default, (new, list(val(pv).shape[:1]) + [-1, val(new).shape[-1]]),
+                         val=val(pv), created_by="find_attention", like=pv)
+    pv.replace_all_uses_with(out3)
+    for n in reversed(list(dict.fromkeys([s3, scores, x, softmax, *chain]))):
+        if not n.users:
+            gm.graph.erase_node(n)
+    ctx.count("find_attention.eager")
+
+
+def _unfold(gm, t3: fx.Node, b: int, h: int, at: fx.Node) -> fx.Node:
+    """``[B*H, N, D]`` -> ``[B, H, N, D]``: the 4-D tensor it was reshaped from, if the
+    graph has it, else a new reshape."""
+    src = t3
+    while is_call(src, _VIEWS | CASTS) and val(src).dim() == 3:
+        src = src.args[0]
+    if val(src).dim() == 4 and tuple(val(src).shape[:2]) == (b, h) \
+            and val(src).shape[-1] == val(t3).shape[-1]:
+        return src
+    with gm.graph.inserting_before(at):
+        return make_node(gm.graph, aten.reshape.default, (t3, [b, h, -1, val(t3).shape[-1]]),
+                         val=val(t3).reshape(b, h, -1, val(t3).shape[-1]),
+                         created_by="find_attention", like=at)
+
+
+def _bias_4d(gm, bias: fx.Node, b: int, h: int, beta: float, at: fx.Node) -> fx.Node:
+    """A fused score bias ``[B*H, 1|Nq, Nk]`` as ``[B, H, 1|Nq, Nk]`` times beta."""
+    if val(bias).dim() != 3:
+        raise PatternError(f"find_attention: {describe_node(bias)} is added to folded-head "
+                           f"attention scores but is not [B*H, Nq, Nk]")
+    src = bias
+    while is_call(src, _VIEWS | CASTS) and val(src).dim() == 3:
+        src = src.args[0]
+    g = gm.graph
+    with g.inserting_before(at):
+        if val(src).dim() == 3 and tuple(val(src).shape[:2]) == (b, h) and val(bias).shape[1] == 1:
+            out = make_node(g, aten.unsqueeze.default, (src, 2), val=val(src).unsqueeze(2),
+                            created_by="find_attention", like=at)      # [B, H, Nk] -> [B, H, 1, Nk]
+        else:
+            shape = [b, h, val(bias).shape[1], -1]
+            out = make_node(g, aten.reshape.default, (bias, shape), val=val(bias).reshape(shape),
+                            created_by="find_attention", like=at)
+        if beta != 1.0:
+            out = make_node(g, aten.mul.Tensor, (out, beta), val=val(out) * beta,
+                            created_by="find_attention", like=at)
+    return out
+
+
+def _added(gm, a: fx.Node, b: fx.Node, at: fx.Node) -> fx.Node:
+    with gm.graph.inserting_before(at):
+        return make_node(gm.graph, aten.add.Tensor, (a, b), val=val(a) + val(b),
+                         created_by="find_attention", like=at)
+
+
 def _split_mask(x: fx.Node, ctx):
     """scores + mask -> (scores, mask); the mask is the operand not derived from MatMul."""
     if x.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in x.args):
@@ -164,8 +267,10 @@ def _split_mask(x: fx.Node, ctx):
 
 def _reaches_matmul(n: fx.Node) -> bool:
     while n.op == "call_function" and n.target in (aten.mul.Tensor, aten.div.Tensor, aten.tanh.default,
-                                                   *CASTS):
+                                                   *CASTS, *_VIEWS):
         n = n.args[0]
+    if is_call(n, BADDBMM):
+        return True
     return n.op == "call_function" and n.target in (aten.matmul.default, aten.bmm.default)
 
 
@@ -211,8 +316,9 @@ def _untranspose(kt: fx.Node):
     return None
 
 
-def _follow_to_matmul(softmax: fx.Node):
-    """SoftMax -> (casts, dropout)* -> MatMul: the nodes after the softmax, or None."""
+def _follow_to_matmul(softmax: fx.Node, views: bool = False):
+    """SoftMax -> (casts, dropout, with ``views`` reshapes)* -> MatMul: the nodes after the
+    softmax, or None."""
     chain, n = [], softmax
     while True:
         u = single_user(n)
@@ -223,7 +329,7 @@ def _follow_to_matmul(softmax: fx.Node):
             _check_dropout(u, args_of(u)["p"])
         elif u.target in (aten.matmul.default, aten.bmm.default) and u.args[0] is n:
             return chain
-        elif u.target not in CASTS:
+        elif u.target not in CASTS and not (views and u.target in _VIEWS):
             return None
         n = u
 

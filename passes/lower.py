@@ -252,7 +252,7 @@ def _attn_program(partials, layers: tuple[LayerPieces, ...]) -> fx.GraphModule:
         t.update(_cached_keys(g, t, lp, a["window"], comm))
         args = schema_args(OPS.partial_attention, **{k: t[k] for k in t},
                            **{k: a[k] for k in ("scale", "causal", "window", "window_ahead",
-                                                "softcap", "backend")})
+                                                "softcap", "alibi", "backend")})
         p = make_node(g, OPS.partial_attention, args, name=f"partial_attention_{l}", **work)
         out = make_node(g, operator.getitem, (p, 0), name=f"out_{l}", **work)
         lse = make_node(g, operator.getitem, (p, 1), name=f"lse_{l}", **work)

@@ -92,7 +92,7 @@ class _Builder:
                        q_doc=a["q_doc"], k_doc=self.shard(a["k_doc"], j),
                        k_valid=self.shard(a["k_valid"], j), scale=float(a["scale"]),
                        causal=bool(a["causal"]), window=a["window"],
-                       window_ahead=a["window_ahead"], softcap=a["softcap"],
+                       window_ahead=a["window_ahead"], softcap=a["softcap"], alibi=a["alibi"],
                        backend=self.ctx.kernel)
 
     def split(self, a: dict) -> fx.Node:

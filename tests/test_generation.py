@@ -24,11 +24,13 @@ def _step_errors(ours, ref) -> list[float]:
     return [float((o - r).abs().max() / r.abs().max()) for o, r in zip(ours.logits, ref.logits)]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "qwen2"])
-@pytest.mark.parametrize("alpha, beta", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("family, alpha, beta", [
+    *[(f, a, b) for f in ("llama", "gpt2", "mistral", "qwen2") for a, b in ((1, 1), (2, 2), (3, 2))],
+    ("bloom", 2, 2), ("bloom", 3, 2)])
 def test_greedy_generation_is_token_identical_to_hf(family, alpha, beta):
     """Batch 2 with left padding; eos met by one row in the middle of the run; every
-    decode step's logits within 1e-4 of HF's (Mistral's window 5 < prompt + generated)."""
+    decode step's logits within 1e-4 of HF's (Mistral's window 5 < prompt + generated;
+    Bloom's ALiBi over the cached keys)."""
     model = tiny_model(family)
     kw = inputs(family, 2, PROMPT, padding=True)
     free = _generate(model, kw, do_sample=False, eos_token_id=None)
@@ -108,7 +110,7 @@ def test_sliding_window_cache_is_bounded_by_the_window():
         assert all(node[layer][1] <= 2 * node[layer][0] + 16 for node in per_node)
 
 
-@pytest.mark.parametrize("family, alpha, beta", [("llama", 2, 2), ("mistral", 3, 2)])
+@pytest.mark.parametrize("family, alpha, beta", [("llama", 2, 2), ("mistral", 3, 2), ("bloom", 2, 2)])
 def test_chunked_prefill_gives_the_logits_of_one_call(family, alpha, beta):
     """A padded prompt fed in 3 chunks, then decode steps: every chunk's logits equal HF's
     over the whole sequence at those positions."""

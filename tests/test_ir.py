@@ -63,7 +63,7 @@ def test_set_args_rewrites_by_name_in_schema_order():
     g = fx.Graph()
     n, q, k, v, mask, pos = _attention(g)
     set_args(n, mask=None, q_pos=pos, k_pos=pos, causal=True, window=4)
-    assert n.args == (q, k, v, None, pos, pos, None, None, None, 0.5, True, 4, None, None)  # window_ahead, softcap
+    assert n.args == (q, k, v, None, pos, pos, None, None, None, 0.5, True, 4, None, None, None)  # window_ahead, softcap, alibi
     assert n.kwargs == {}
     assert not mask.users and set(pos.users) == {n}
 

@@ -176,6 +176,49 @@ def test_softcap_takes_the_exact_path(dtype, causal):
     assert not torch.allclose(out.float(), plain.float(), atol=1e-3), "the cap changes the result"
 
 
+def bloom_slopes(h: int) -> torch.Tensor:
+    """ALiBi slopes as Bloom computes them for a power-of-two head count."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
+def test_alibi_tiles_merge_to_hf_bias(dtype, causal, hq, hkv):
+    """ALiBi tiles of an R-sharded sequence with left padding, merged, equal one dense
+    softmax with the bias as HF's Bloom writes it (`slope * p`, p counting only the
+    row's valid keys): the relative bias of the kernels shifts each row by a constant."""
+    n, beta, pad = 13, 3, 4
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, :pad] = False
+    slopes = bloom_slopes(hq)
+    q, k, v = make_qkv(2, hq, hkv, n, n, 8, dtype, seed=3)
+    q = q * 2  # sharper scores: the bias must be right, not drowned
+    hf_pos = (valid.cumsum(-1) - 1) * valid  # [B, N], Bloom's build_alibi_tensor
+    scores = q.double() @ reference.expand_kv_heads(k.double(), hq).transpose(-1, -2) / math.sqrt(8)
+    scores = scores + slopes.double()[None, :, None, None] * hf_pos[:, None, None, :].double()
+    pos = torch.arange(n)
+    vis = valid[:, None, None, :] & ((pos[None, :] <= pos[:, None]) if causal else True)
+    probs = scores.masked_fill(~vis, float("-inf")).softmax(-1).nan_to_num(0.0)  # 0: no key
+    want = probs @ reference.expand_kv_heads(v.double(), hq)
+    for i in range(beta):
+        q_pos = rshard(n, beta, i)
+        parts = [partial_attention(q[:, :, q_pos], k[:, :, k_pos], v[:, :, k_pos], q_pos, k_pos,
+                                   causal=causal, k_valid=valid[:, k_pos], alibi=slopes)
+                 for k_pos in (rshard(n, beta, j) for j in range(beta))]
+        assert tile_kind(q, k, pos, pos, causal=causal, alibi=slopes) == "masked"
+        out, _ = expsum_merge([o for o, _ in parts], [l for _, l in parts], backend="torch")
+        torch.testing.assert_close(out.double(), want[:, :, q_pos], atol=OUT_TOL[dtype] * 4, rtol=0)
+        check_tile(q[:, :, q_pos], k, v, q_pos, pos, causal=causal, k_valid=valid, alibi=slopes)
+
+
+def test_alibi_slopes_are_checked():
+    q, k, v = make_qkv(1, 4, 4, 3, 3, 8, torch.float32)
+    pos = torch.arange(3)
+    with pytest.raises(KernelError, match="one slope per query head"):
+        partial_attention(q, k, v, pos, pos, alibi=[0.5, 0.25])
+
+
 def test_window_ahead_visibility_is_the_two_sided_rule():
     q_pos, k_pos = torch.arange(9), torch.tensor([0, 3, 4, 5, 8])
     vis = reference.visibility(q_pos, k_pos, causal=False, window=3, window_ahead=3)[0]

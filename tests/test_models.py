@@ -157,3 +157,46 @@ def test_a_tanh_that_is_not_soft_capping_is_refused(monkeypatch):
     with pytest.raises(fxdisagg.PatternError, match="not as soft-capping"):
         fxdisagg.compile(_gemma2(softcap=0.5), 2, 2, example_inputs=inputs("llama", 2, 9),
                          launch="inprocess")
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_alibi(kernel):
+    """Bloom: heads folded into the batch dim, ALiBi fused as baddbmm(alibi, q, k^T) with
+    positions (cumsum(mask) - 1) * mask, left padding: exact on every backend."""
+    model = tiny_model("bloom")
+    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", kernel=kernel)
+    for n in (6, 21):
+        kw = inputs("bloom", 2, n, padding=True)
+        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL, n
+    assert dm.counts["classify_masks.alibi"] == 2
+    assert "ALiBi (slopes 0.25 .. 0.00391)" in dm.explain()
+
+
+def test_alibi_needs_each_row_s_tokens_in_one_run():
+    """Bloom's positions count a row's ones: a hole in the mask would shift the keys after
+    it, which token-index ALiBi does not. Refused before any worker runs."""
+    model = tiny_model("bloom")
+    kw = inputs("bloom", 2, 12, padding=True)
+    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", example_inputs=kw)
+    kw["attention_mask"][0, 5] = 0
+    with pytest.raises(fxdisagg.InputError, match="row 0 has holes"):
+        dm(**kw)
+    assert dm.runtime is None
+    kw["attention_mask"][0, :6] = 0       # left padding again: one run
+    assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL
+
+
+def test_a_bias_that_is_not_alibi_is_refused(monkeypatch):
+    """slope * p^2 is a per-(head, key) term but not ALiBi: refused, never approximated."""
+    import transformers.models.bloom.modeling_bloom as bloom
+
+    def squared(attention_mask, num_heads, dtype):
+        b, n = attention_mask.shape
+        slopes = bloom._get_alibi_slopes(num_heads, attention_mask.device)
+        p = ((attention_mask.cumsum(-1) - 1) * attention_mask)[:, None, :]
+        return (slopes[..., None] * p * p).reshape(b * num_heads, 1, n).to(dtype)
+
+    monkeypatch.setattr(bloom, "build_alibi_tensor", squared)
+    with pytest.raises(fxdisagg.UnsupportedMaskError, match="layer 0.*ALiBi positions"):
+        fxdisagg.compile(tiny_model("bloom"), 2, 2, example_inputs=inputs("bloom", 2, 9, padding=True),
+                         launch="inprocess")

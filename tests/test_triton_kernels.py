@@ -71,7 +71,8 @@ NEG_INF = float("-inf")
 
 
 def oracle_attention(q, k, v, q_pos, k_pos, *, scale, causal, window=None,
-                     q_doc=None, k_doc=None, k_valid=None, window_ahead=None, softcap=None):
+                     q_doc=None, k_doc=None, k_valid=None, window_ahead=None, softcap=None,
+                     alibi=None):
     """Dense masked softmax in float64. Returns (out [B,Hq,Mq,D], lse [B,Hq,Mq])."""
     B, Hq, Mq, D = q.shape
     g = Hq // k.shape[1]
@@ -87,6 +88,8 @@ def oracle_attention(q, k, v, q_pos, k_pos, *, scale, causal, window=None,
     def cols(t):  # [Mk] | [B, Mk] -> [B, 1, 1, Mk]
         return t.cpu().expand(B, -1)[:, None, None, :]
 
+    if alibi is not None:  # per-head slope times the key's distance ahead of the query
+        s = s + alibi.double().cpu()[None, :, None, None] * (cols(k_pos) - rows(q_pos))
     vis = torch.ones(s.shape, dtype=torch.bool)
     if causal:
         vis &= cols(k_pos) <= rows(q_pos)
@@ -178,10 +181,10 @@ SHAPES = [
     (2, 2, 1, 9, 9, 24),
     (1, 2, 1, 5, 9, 128),
 ]
-FEATURES = ["none", "causal", "window", "two_sided", "softcap", "docs", "valid", "all"]
+FEATURES = ["none", "causal", "window", "two_sided", "softcap", "alibi", "docs", "valid", "all"]
 
 
-def _features(kind, B, Mq, Mk, gen):
+def _features(kind, B, Hq, Mq, Mk, gen):
     """Per-token features for one case. Queries are the last Mq positions of the key range
     (Mq > Mk puts some queries before every key: fully masked rows under causal). B = 2
     cases use [B, M] tensors, B = 1 cases 1-D ones."""
@@ -197,6 +200,8 @@ def _features(kind, B, Mq, Mk, gen):
         feat.update(causal=False, window=4, window_ahead=4)
     if kind == "softcap":  # Gemma 2's logit soft-capping, small enough to bend the scores
         feat["softcap"] = 1.5
+    if kind == "alibi":  # Bloom's slopes 2^(-8h/H), steep enough to bend every row
+        feat["alibi"] = torch.tensor([2.0 ** (-8 * (h + 1) / Hq) for h in range(Hq)])
     if kind in ("docs", "all"):  # packed sequences of 6 tokens, boundaries differ by batch
         feat["q_doc"] = (q_pos + 2) // 6
         feat["k_doc"] = (k_pos + 2) // 6
@@ -229,7 +234,7 @@ def test_partial_attention_matches_oracle(dtype, shape, kernel, kind):
     q = _randn((B, Hq, Mq, D), dtype, gen)
     k = _randn((B, Hkv, Mk, D), dtype, gen)
     v = _randn((B, Hkv, Mk, D), dtype, gen)
-    q_pos, k_pos, feat = _features(kind, B, Mq, Mk, gen)
+    q_pos, k_pos, feat = _features(kind, B, Hq, Mq, Mk, gen)
     _run_both(q, k, v, q_pos, k_pos, dtype, **feat)
 
 

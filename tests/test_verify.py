@@ -2,7 +2,6 @@
 the first layer whose hidden state is out of tolerance is named."""
 
 import pytest
-import torch
 
 import fxdisagg
 import fxdisagg.verify

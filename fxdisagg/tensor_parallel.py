@@ -1,0 +1,206 @@
+"""Tensor-parallel CompNodes: each CompNode is a group of ``tp`` ranks that split every
+transformer block as Megatron does.
+
+Column-parallel q/k/v and MLP up (and gate) projections, row-parallel O-projection and MLP
+down projection, and one all-reduce (``fxdisagg::tp_all_reduce``) after each row-parallel
+linear: two per layer. Rank ``t`` of a group holds query heads ``[t*H/tp, (t+1)*H/tp)``, kv
+heads ``[t*Hkv/tp, (t+1)*Hkv/tp)`` (so GQA's head map is kept) and the same block of the MLP's
+intermediate features. Norms, embeddings and the LM head stay replicated.
+
+How: module surgery before capture. `shard_model(model, tp, t)` is a shallow copy of the
+model whose planned linears are replaced by their rank-``t`` slices; everything else is
+shared with the user's model. HF writes head counts in its views as ``-1`` and derives
+GQA's head map from ratios, so the copy's own code computes the local shapes, and one
+capture (of rank 0's copy) is the program of every rank of a group: only the parameters
+differ (`rank_programs`). Why not DTensor's ``parallelize_module`` before capture: the plan
+is the same (HF's ``base_model_tp_plan`` *is* a DTensor plan), but exporting DTensor
+modules traces a real process group into the graph and its collectives, and fxdisagg's
+workers own their process groups (three runtimes, none of them torch.distributed in the
+driver); a plain sliced module exports like the model itself.
+
+The plan: HF's ``config.base_model_tp_plan`` ("colwise" / "rowwise" on ``nn.Linear``),
+or `OWN_PLANS` for families HF ships none for (GPT-2's fused ``Conv1D`` ``c_attn`` is split
+per head within each of q, k and v). Anything else raises `ConfigError` naming the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxdisagg.errors import ConfigError
+
+COLWISE, ROWWISE, COLWISE_QKV = "colwise", "rowwise", "colwise_qkv"
+
+#: plans (relative to ``model.base_model``) for families HF ships none for, and the
+#: attributes of their modules that hold sizes the split changes
+OWN_PLANS = {
+    "gpt2": {"h.*.attn.c_attn": COLWISE_QKV, "h.*.attn.c_proj": ROWWISE,
+             "h.*.mlp.c_fc": COLWISE, "h.*.mlp.c_proj": ROWWISE},
+}
+OWN_ATTRS = {
+    "gpt2": {"h.*.attn": ("split_size",)},        # c_attn's output is split at split_size
+}
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x @ W_t^T) + b``: rank t's columns of the weight; the bias is added
+    once, after the sum."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        y = torch.ops.fxdisagg.tp_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+def plan_of(model: nn.Module) -> dict[str, str]:
+    config = getattr(model, "config", None)
+    plan = getattr(config, "base_model_tp_plan", None) or OWN_PLANS.get(getattr(config, "model_type", None))
+    if not plan:
+        raise ConfigError(f"tp > 1 needs a tensor-parallel plan for {type(model).__name__}: HF ships "
+                          f"none for model_type {getattr(config, 'model_type', None)!r} and fxdisagg "
+                          f"has its own only for {sorted(OWN_PLANS)}; use tp=1")
+    for name, style in plan.items():
+        if style not in (COLWISE, ROWWISE, COLWISE_QKV):
+            raise ConfigError(f"tp > 1: the plan of {type(model).__name__} splits {name!r} as "
+                              f"{style!r}; fxdisagg splits only colwise and rowwise linears")
+    return plan
+
+
+def check_tp(model: nn.Module, tp: int) -> None:
+    """Raise ConfigError unless ``tp`` divides the heads, the kv heads and every planned
+    linear; the message lists the tp values that work."""
+    if tp == 1:
+        return
+    plan_of(model)
+    config = model.config
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    sizes = [heads, kv] + [_linear(m)[0].shape[0] for _, m, s in _planned(model) if s != ROWWISE]
+    if any(s % tp for s in sizes):
+        ok = [d for d in range(1, heads + 1) if all(s % d == 0 for s in sizes)]
+        raise ConfigError(f"tp={tp} does not divide the model: {heads} query heads, {kv} kv "
+                          f"heads and the column-split linears must split evenly; tp in {ok} work")
+
+
+def shard_model(model: nn.Module, tp: int, t: int) -> nn.Module:
+    """Rank ``t``'s copy of ``model``: planned linears sliced, everything else shared."""
+    check_tp(model, tp)
+    root = _Copier(model)
+    for name, module, style in _planned(model):
+        root.replace(_base_name(model, name), _slice(module, style, tp, t))
+    for pattern, attrs in OWN_ATTRS.get(model.config.model_type, {}).items():
+        for name, module in model.base_model.named_modules():
+            if _matches(pattern, name):
+                clone = root.module(_base_name(model, name))
+                for a in attrs:
+                    setattr(clone, a, getattr(module, a) // tp)
+    return root.copy
+
+
+def rank_programs(program, shards) -> list:
+    """One CompNode program per TP rank: ``program`` (captured from ``shards[0]``) with
+    each stage's parameters taken from that rank's shard by name; constants the capture
+    made, which no shard holds, are shared."""
+    out = [program]
+    for shard in shards[1:]:
+        p = copy.copy(program)
+        p._modules = dict(program._modules)
+        for name, stage in program.named_children():
+            mine = torch.fx.GraphModule(stage, stage.graph, class_name=type(stage).__name__)
+            for node in stage.graph.find_nodes(op="get_attr"):
+                value = _lookup(shard, node.target)
+                if value is not None:
+                    parent, _, leaf = node.target.rpartition(".")
+                    setattr(mine.get_submodule(parent) if parent else mine, leaf, value)
+            p._modules[name] = mine
+        out.append(p)
+    return out
+
+
+def _lookup(module: nn.Module, target: str):
+    try:
+        return module.get_parameter(target)
+    except AttributeError:
+        try:
+            return module.get_buffer(target)
+        except AttributeError:
+            return None
+
+
+# -- slicing ------------------------------------------------------------------------------------
+def _planned(model):
+    plan = plan_of(model)
+    for name, module in model.base_model.named_modules():
+        for pattern, style in plan.items():
+            if _matches(pattern, name):
+                yield name, module, style
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return re.fullmatch(re.escape(pattern).replace(r"\*", r"\d+"), name) is not None
+
+
+def _base_name(model, name: str) -> str:
+    prefix = getattr(model, "base_model_prefix", "")
+    return f"{prefix}.{name}" if model.base_model is not model and prefix else name
+
+
+def _linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias [out] or None) of an ``nn.Linear`` or HF's ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D":          # transformers.pytorch_utils.Conv1D: [in, out]
+        return module.weight.t(), module.bias
+    raise ConfigError(f"tp > 1: {type(module).__name__} is planned as a linear but is neither "
+                      f"nn.Linear nor Conv1D")
+
+
+def _slice(module, style: str, tp: int, t: int) -> nn.Module:
+    w, b = _linear(module)
+    if style == ROWWISE:
+        cols = w.shape[1] // tp
+        return RowParallelLinear(w[:, t * cols:(t + 1) * cols].clone(), None if b is None else b.detach().clone())
+    sections = 3 if style == COLWISE_QKV else 1         # fused q|k|v: each split alike
+    size = w.shape[0] // sections
+    rows = torch.cat([torch.arange(s * size + t * size // tp, s * size + (t + 1) * size // tp)
+                      for s in range(sections)])
+    out = nn.Linear(w.shape[1], len(rows), bias=b is not None, device=w.device, dtype=w.dtype)
+    out.weight = nn.Parameter(w.detach()[rows].clone(), requires_grad=False)
+    if b is not None:
+        out.bias = nn.Parameter(b.detach()[rows].clone(), requires_grad=False)
+    return out
+
+
+class _Copier:
+    """A shallow copy of a module tree in which only the modules on the paths to replaced
+    children are copied (their other children, parameters and buffers are shared)."""
+
+    def __init__(self, model: nn.Module):
+        self.copy = self._shallow(model)
+        self.copies = {"": self.copy}
+
+    @staticmethod
+    def _shallow(m: nn.Module) -> nn.Module:
+        c = copy.copy(m)
+        c._modules = dict(m._modules)
+        return c
+
+    def module(self, path: str) -> nn.Module:
+        if path not in self.copies:
+            parent, _, leaf = path.rpartition(".")
+            p = self.module(parent)
+            self.copies[path] = p._modules[leaf] = self._shallow(p._modules[leaf])
+        return self.copies[path]
+
+    def replace(self, path: str, new: nn.Module) -> None:
+        parent, _, leaf = path.rpartition(".")
+        self.module(parent)._modules[leaf] = new
