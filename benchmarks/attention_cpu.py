@@ -6,7 +6,9 @@ Measures, side by side in one run, for each beta:
              one `expsum_merge` per query shard, fed the beta partials as a list (as a
              receiver of separate messages holds them; no stacking copy);
   - the same tiles with logit soft-capping, which the CPU flash kernel lacks: the torch
-    backend's exact dense path, reported as a ratio to the flash tiles.
+    backend's exact dense path, reported as a ratio to the flash tiles;
+  - the same tiles with ALiBi (Bloom's slopes): the flash kernel with a per-head additive
+    mask that carries the bias, reported as a ratio to the flash tiles.
 Shard tensors are made once, outside the timed region, like the tensors an AttnNode
 receives. Repeats are interleaved (fused, sharded, fused, ...) and medians compared, so
 that load from other processes affects both alike.
@@ -58,12 +60,13 @@ def make_shards(q, k, v, beta):
     return qs, kvs
 
 
-def run_tiles(qs, kvs, softcap=None):
+def run_tiles(qs, kvs, softcap=None, alibi=None):
     """The beta^2 AttnNode tiles: partial attention of every query shard over every key
-    shard (``softcap``: Gemma 2's logit soft-capping, which takes the exact dense path)."""
+    shard (``softcap``: Gemma 2's logit soft-capping, which takes the exact dense path;
+    ``alibi``: per-head slopes, carried in a per-head additive mask)."""
     return [
         [partial_attention(q_i, k_j, v_j, qpos_i, kpos_j, causal=True, backend="torch",
-                           softcap=softcap)
+                           softcap=softcap, alibi=alibi)
          for k_j, v_j, kpos_j in kvs]
         for q_i, qpos_i in qs
     ]
@@ -97,6 +100,8 @@ def bench(n: int, heads: int, dim: int, beta: int, repeats: int) -> dict[str, fl
         "sharded": lambda: run_sharded(qs, kvs),
         "tiles": lambda: run_tiles(qs, kvs),
         "tiles_softcap": lambda: run_tiles(qs, kvs, softcap=50.0),
+        "tiles_alibi": lambda: run_tiles(qs, kvs, alibi=[2.0 ** (-8 * (h + 1) / heads)
+                                                          for h in range(heads)]),
     }
     for fn in runs.values():  # warm-up
         fn()
@@ -130,8 +135,8 @@ def main() -> None:
         print(f"beta={beta}: fused {t['fused'] * 1e3:8.2f} ms   sharded {t['sharded'] * 1e3:8.2f} ms   "
               f"ratio {t['sharded'] / t['fused']:.3f}{goal}   "
               f"[tiles alone {t['tiles'] / t['fused']:.3f}, merges {(t['sharded'] - t['tiles']) * 1e3:.2f} ms]")
-        print(f"         soft-capped tiles (dense exact path) {t['tiles_softcap'] / t['tiles']:.2f}x "
-              f"the flash tiles")
+        print(f"         soft-capped tiles (dense exact path) {t['tiles_softcap'] / t['tiles']:.2f}x, "
+              f"ALiBi tiles (per-head mask) {t['tiles_alibi'] / t['tiles']:.2f}x the flash tiles")
 
 
 if __name__ == "__main__":
