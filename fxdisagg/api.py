@@ -88,6 +88,10 @@ class DisaggregatedModel:
         self._last_key = None
         self._workers = workers or Workers(config, _device(model))
         self._released_caches: list[int] = []
+        self._tp_shards: list | None = None
+        if config.tp > 1:
+            from fxdisagg.tensor_parallel import check_tp
+            check_tp(model, config.tp)
         self._verified: set[int] = set()     # ids of the Compiled whose first call verify ran
         self._lock = threading.RLock()
 
@@ -148,6 +152,9 @@ class DisaggregatedModel:
             ctx.dumper = Dumper(dump_dir)
         gm = run_passes(cap.gm, PASSES, ctx)
         programs = lower(gm, ctx)
+        if self.config.tp > 1:
+            from fxdisagg.tensor_parallel import rank_programs
+            programs.comp_by_rank = tuple(rank_programs(programs.comp, self._shards()))
         compiled = Compiled(cap, programs, ctx.counts, tuple(ctx.warnings), dump_dir,
                             frozenset(ctx.contracts))
         if ctx.dumper:
@@ -156,7 +163,17 @@ class DisaggregatedModel:
         return compiled
 
     def _capture(self, example) -> Captured:
-        return capture(self.model, example, max_len=self.max_len)
+        return capture(self._shards()[0], example, max_len=self.max_len)
+
+    def _shards(self) -> list[torch.nn.Module]:
+        """The model as each tensor-parallel rank of a CompNode holds it (`fxdisagg.
+        tensor_parallel`); ``[model]`` without tensor parallelism."""
+        if self.config.tp == 1:
+            return [self.model]
+        if self._tp_shards is None:
+            from fxdisagg.tensor_parallel import shard_model
+            self._tp_shards = [shard_model(self.model, self.config.tp, t) for t in range(self.config.tp)]
+        return self._tp_shards
 
     def _token_dims(self, name: str) -> tuple[int, ...]:
         return (1,)
@@ -218,11 +235,14 @@ class DisaggregatedModel:
     def _schedule_traffic(self, programs, n_tokens: int, past: int | None = None) -> dict:
         from fxdisagg.runtime.kvcache import EXTEND, CacheStep
         from fxdisagg.runtime.layout import RankLayout
-        from fxdisagg.schedule import Schedule
+        from fxdisagg.schedule import Schedule, reduction_bytes
         c = self.config
         step = None if past is None else CacheStep(0, EXTEND, past)
-        return Schedule.build(self._plan_for_step(n_tokens, step),
-                              RankLayout(c.alpha, c.beta, c.tp), programs.layers).traffic()
+        plan, layout = self._plan_for_step(n_tokens, step), RankLayout(c.alpha, c.beta, c.tp)
+        traffic = Schedule.build(plan, layout, programs.layers).traffic()
+        for layer, nbytes in reduction_bytes(plan, layout, programs.reductions).items():
+            traffic[layer]["all_reduce"] = nbytes
+        return traffic
 
     @property
     def runtime(self):

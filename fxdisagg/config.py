@@ -45,9 +45,6 @@ class Config:
 
     def __post_init__(self):
         validate_degrees(self.alpha, self.beta, self.tp)
-        if self.tp != 1:
-            raise ConfigError("tp > 1 (tensor-parallel CompNodes) is not available in this version; "
-                              "use tp=1 and scale with alpha")
         _choice("sharding", self.sharding, STRATEGIES)
         _choice("launch", self.launch, LAUNCHES)
         _choice("kernel", self.kernel, KERNELS)

@@ -52,6 +52,7 @@ OPS = types.SimpleNamespace(
     exchange_start=torch.ops.fxdisagg.exchange_start.default,
     exchange_wait=torch.ops.fxdisagg.exchange_wait.default,
     kv_cache=torch.ops.fxdisagg.kv_cache.default,
+    tp_all_reduce=torch.ops.fxdisagg.tp_all_reduce.default,
 )
 COMM_OPS = (OPS.exchange_start, OPS.exchange_wait)
 

@@ -13,6 +13,10 @@
 
 - ``kv_cache``: where an AttnNode's partial attention gets its keys: the tile (prefill) or
   the AttnNode's KV cache (decode), by the call's cache action (`fxdisagg.runtime.kvcache`).
+- ``tp_all_reduce``: the sum of a tensor over the calling CompNode rank's tensor-parallel
+  group (`fxdisagg.tensor_parallel` puts one after each row-parallel linear). Not marked
+  effectful: it is in the model when `torch.export` captures it, where effect tokens would
+  thread through every pass; its result is always used (no DCE) and FX never reorders.
 
 The kernels' ops (``fxdisagg::partial_attention``, ``fxdisagg::expsum_merge``) are
 registered in `fxdisagg.kernels.ops`.
@@ -144,6 +148,20 @@ def _kv_cache_fake(keys, q_pos, layer, window, pieces):
     specs = decode_pieces(pieces)
     rows = torch.library.get_ctx().new_dynamic_size()
     return [k.new_empty(p.sized(rows)) for k, p in zip(keys, specs)]
+
+
+# pointwise: out[i] is the sum of the group's x[i], so it keeps tokens apart (partition)
+_lib.define("tp_all_reduce(Tensor x) -> Tensor", tags=(torch.Tag.pointwise,))
+
+
+def tp_all_reduce(x: Tensor) -> Tensor:
+    """``x`` summed over this rank's tensor-parallel group, in group order on every rank
+    (so the group's ranks hold bitwise equal results)."""
+    return comm.current().all_reduce(x)
+
+
+_lib.impl("tp_all_reduce", tp_all_reduce, "CompositeExplicitAutograd")
+torch.library.register_fake("fxdisagg::tp_all_reduce", lambda x: torch.empty_like(x), lib=_lib)
 
 
 for _name, _real, _fake in (("exchange_start", exchange_start, _exchange_start_fake),

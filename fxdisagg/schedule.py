@@ -26,7 +26,14 @@ other exchanges of the same type, split-KV:
 - ``return``: every AttnNode -> CompNode c: the partials of c's queries over its cache, in
   slot ``i*beta + j`` of ``[beta**2, B, H, n, Dv]`` (merge arity beta**2).
 
-Tensor-parallel head slices will be others still.
+Tensor-parallel CompNodes (``tp > 1``, `fxdisagg.tensor_parallel`) change only who the
+routes run between: CompNode c is ``tp`` ranks, rank t holding heads ``[t*h, (t+1)*h)`` of
+every piece with a head dim (``h`` its local head count). Each route from or to rank t is
+``part`` t: it carries that rank's heads, which the AttnNode places at (dispatch) or takes
+from (return) ``t*h`` along the head dim of its full-head tensors. Per-token pieces
+without a head dim (positions, document ids, validity) are the same on every rank of the
+group and travel once, from part 0. An AttnNode thus runs one partial attention over all
+heads, and each TP rank sends and receives only its own heads: 1/tp of the bytes.
 """
 
 from __future__ import annotations
@@ -56,8 +63,9 @@ class PieceSpec:
 
     ``side``: whose rows it carries (QUERY: the query shard's, KEY: the key shard's).
     ``batch_dim``: the dim holding the batch, if any (per-token features shared by the
-    batch are ``[M]``). Encoded in graphs as ``name:dtype[2,4,*,16]@query`` so that comm
-    ops' fake implementations, dumps and the runtime read the same text.
+    batch are ``[M]``); ``head_dim``: the dim holding attention heads, if any (tensor
+    parallelism splits it). Encoded in graphs as ``name:dtype[b2,h4,*,16]@query`` so that
+    comm ops' fake implementations, dumps and the runtime read the same text.
     """
 
     name: str
@@ -65,6 +73,7 @@ class PieceSpec:
     shape: tuple[int | None, ...]
     side: int = QUERY
     batch_dim: int | None = None
+    head_dim: int | None = None
 
     @property
     def token_dim(self) -> int:
@@ -79,10 +88,18 @@ class PieceSpec:
         b = 1 if self.batch_dim is None else (self.shape[self.batch_dim] if batch is None else batch)
         return math.prod(dims) * b * self.dtype.itemsize
 
+    def with_heads(self, factor: int) -> "PieceSpec":
+        """The spec with ``factor`` times the heads (an AttnNode's view of a TP rank's piece)."""
+        if self.head_dim is None or factor == 1:
+            return self
+        shape = list(self.shape)
+        shape[self.head_dim] *= factor
+        return dataclasses.replace(self, shape=tuple(shape))
+
     def encode(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        dims = ",".join("*" if s is None else (f"b{s}" if k == self.batch_dim else str(s))
-                        for k, s in enumerate(self.shape))
+        mark = {self.batch_dim: "b", self.head_dim: "h"}
+        dims = ",".join("*" if s is None else f"{mark.get(k, '')}{s}" for k, s in enumerate(self.shape))
         return f"{self.name}:{dtype}[{dims}]@{SIDE_NAMES[self.side]}"
 
     @staticmethod
@@ -91,19 +108,23 @@ class PieceSpec:
         if m is None:
             raise ValueError(f"not a piece spec: {text!r}")
         name, dtype, dims, side = m.groups()
-        shape, batch_dim = [], None
+        shape, batch_dim, head_dim = [], None, None
         for k, s in enumerate(d for d in dims.split(",") if d):
             if s.startswith("b"):
                 batch_dim, s = k, s[1:]
+            elif s.startswith("h"):
+                head_dim, s = k, s[1:]
             shape.append(None if s == "*" else int(s))
-        return PieceSpec(name, _DTYPES[dtype], tuple(shape), SIDE_NAMES.index(side), batch_dim)
+        return PieceSpec(name, _DTYPES[dtype], tuple(shape), SIDE_NAMES.index(side), batch_dim,
+                         head_dim)
 
     @staticmethod
-    def of(name: str, t: Tensor, token_dim: int, side: int) -> "PieceSpec":
+    def of(name: str, t: Tensor, token_dim: int, side: int, head_dim: int | None = None
+           ) -> "PieceSpec":
         """The spec of an example tensor whose token dim is ``token_dim``."""
         shape = tuple(None if k == token_dim else int(s) for k, s in enumerate(t.shape))
         batch_dim = 0 if t.dim() >= 2 and token_dim != 0 else None
-        return PieceSpec(name, t.dtype, shape, side, batch_dim)
+        return PieceSpec(name, t.dtype, shape, side, batch_dim, head_dim)
 
 
 def encode_pieces(pieces: Sequence[PieceSpec]) -> str:
@@ -137,8 +158,16 @@ class LayerPieces:
     @property
     def stacked(self) -> tuple[PieceSpec, ...]:
         return tuple(dataclasses.replace(p, shape=(self.arity, *p.shape),
-                                         batch_dim=None if p.batch_dim is None else p.batch_dim + 1)
+                                         batch_dim=None if p.batch_dim is None else p.batch_dim + 1,
+                                         head_dim=None if p.head_dim is None else p.head_dim + 1)
                      for p in self.reply)
+
+    def all_heads(self, tp: int) -> "LayerPieces":
+        """The pieces as an AttnNode holds them: the heads of all ``tp`` ranks of a group."""
+        def widen(ps):
+            return tuple(p.with_heads(tp) for p in ps)
+        return dataclasses.replace(self, query=widen(self.query), key=widen(self.key),
+                                   reply=widen(self.reply))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,7 +178,8 @@ class Route:
     them in order (no gather). dst_rows[side]: where they land along the receiver's token
     dim, or None when this route alone fills the receiver's tensor in order (the received
     bytes are used in place). slot: the leading index of a stacked receive (the key shard
-    j of a returned partial), else None.
+    j of a returned partial), else None. part: the TP rank t whose heads the route
+    carries (None without tensor parallelism; see the module docstring).
     """
 
     src: int
@@ -158,9 +188,14 @@ class Route:
     rows: tuple[Tensor | None, ...]
     dst_rows: tuple[Tensor | None, ...]
     slot: int | None = None
+    part: int | None = None
+
+    def carries(self, spec: PieceSpec) -> bool:
+        """Pieces without heads travel from part 0 only (every TP rank holds them alike)."""
+        return spec.head_dim is not None or not self.part
 
     def nbytes(self, pieces: Sequence[PieceSpec]) -> int:
-        return sum(piece_bytes(p, self.n_rows[p.side]) for p in pieces)
+        return sum(piece_bytes(p, self.n_rows[p.side]) for p in pieces if self.carries(p))
 
 
 ALIGN = 8
@@ -228,6 +263,9 @@ class Exchange:
         off = 0
         for r in routes:
             for spec, t in zip(self.send_pieces, tensors):
+                if not r.carries(spec):
+                    continue
+                t = _heads_of(t, spec.head_dim, r.part, spec)
                 rows, n = r.rows[spec.side], r.n_rows[spec.side]
                 nb = n * spec.row_bytes()
                 dst = buf[off:off + nb].view(spec.dtype).view(_sized_like(t, spec.token_dim, n))
@@ -262,8 +300,12 @@ class Exchange:
                 continue
             full = torch.empty(spec.sized(n), dtype=spec.dtype, device=device)  # routes cover every row
             for r, v in zip(routes, views):
+                if not r.carries(spec):
+                    continue
                 target = full[r.slot] if r.slot is not None else full
                 dd = d - 1 if r.slot is not None else d
+                hd = None if spec.head_dim is None else spec.head_dim - (r.slot is not None)
+                target = _heads_of(target, hd, r.part, v[k])
                 where = r.dst_rows[spec.side]
                 if where is None:
                     target.copy_(v[k])
@@ -272,14 +314,27 @@ class Exchange:
             out.append(full)
         return out
 
-    def _unpack(self, route: Route, chunk: Tensor) -> list[Tensor]:
+    def _unpack(self, route: Route, chunk: Tensor) -> list[Tensor | None]:
         pieces, off = [], 0
         for spec in self.send_pieces:
+            if not route.carries(spec):
+                pieces.append(None)
+                continue
             n = route.n_rows[spec.side]
             piece = chunk[off:off + n * spec.row_bytes()]
             pieces.append(piece.view(spec.dtype).view(spec.sized(n)))
             off += piece_bytes(spec, n)
         return pieces
+
+
+def _heads_of(t: Tensor, hd: int | None, part: int | None, like) -> Tensor:
+    """TP rank ``part``'s heads of ``t`` along dim ``hd`` when ``t`` holds more heads than
+    ``like`` (a piece's spec or tensor), else ``t``: a sender with all heads (an AttnNode's
+    reply) sends each rank its slice; a receiver with all heads places each rank's slice."""
+    if part is None or hd is None:
+        return t
+    h = like.shape[hd]
+    return t if t.shape[hd] == h else t.narrow(hd, part * h, h)
 
 
 def _sized_like(t: Tensor, dim: int, rows: int) -> tuple[int, ...]:
@@ -311,16 +366,24 @@ def _dispatch(plan, layout, layer: LayerPieces) -> Exchange:
         for j in range(beta):
             dst = layout.attn_rank(i, j)
             recv_rows[dst] = (sizes[i], sizes[j])
-    for c in plan.active_comp_nodes():
+    for c, t, part in _comp_ranks(plan, layout):
         n_c = len(plan.comp_tokens[c])
         for i in range(beta):
             for j in range(beta):
                 rq, rk = plan.local_rows(c, i), plan.local_rows(c, j)
-                routes.append(Route(layout.comp_rank(c), layout.attn_rank(i, j), (len(rq), len(rk)),
+                routes.append(Route(layout.comp_rank(c, t), layout.attn_rank(i, j), (len(rq), len(rk)),
                                     (_all_or(rq, n_c), _all_or(rk, n_c)),
-                                    (_arrival(plan, c, i), _arrival(plan, c, j))))
-    return Exchange(layer.layer, DISPATCH, layer.dispatch, layer.dispatch, tuple(routes),
-                    recv_rows, 1)
+                                    (_arrival(plan, c, i), _arrival(plan, c, j)), part=part))
+    return Exchange(layer.layer, DISPATCH, layer.dispatch, layer.all_heads(layout.tp).dispatch,
+                    tuple(routes), recv_rows, 1)
+
+
+def _comp_ranks(plan, layout):
+    """(CompNode, TP rank, route part) of every active CompNode rank; part is None
+    without tensor parallelism."""
+    for c in plan.active_comp_nodes():
+        for t in range(layout.tp):
+            yield c, t, (t if layout.tp > 1 else None)
 
 
 def _arrival(plan, c: int, shard: int) -> Tensor | None:
@@ -335,16 +398,16 @@ def _return(plan, layout, layer: LayerPieces) -> Exchange:
     if layer.arity != beta:
         raise ValueError(f"layer {layer.layer} merges {layer.arity} partials but the Plan has "
                          f"beta={beta} key shards; the programs and the Plan disagree")
-    for c in plan.active_comp_nodes():
+    for c, t, part in _comp_ranks(plan, layout):
         n_c = len(plan.comp_tokens[c])
-        recv_rows[layout.comp_rank(c)] = (n_c, n_c)
+        recv_rows[layout.comp_rank(c, t)] = (n_c, n_c)
         for i in range(beta):
             rows = plan.reply_rows(i, c)
             where = _all_or(plan.local_rows(c, i), n_c) if beta > 1 else None
             for j in range(beta):
-                routes.append(Route(layout.attn_rank(i, j), layout.comp_rank(c), (len(rows), 0),
+                routes.append(Route(layout.attn_rank(i, j), layout.comp_rank(c, t), (len(rows), 0),
                                     (_all_or(rows, len(plan.shard_tokens[i])), None),
-                                    (where, None), slot=j))
+                                    (where, None), slot=j, part=part))
     return Exchange(layer.layer, RETURN, layer.reply, layer.stacked, tuple(routes), recv_rows, beta)
 
 
@@ -355,17 +418,18 @@ def _extend_dispatch(plan, layout, layer: LayerPieces) -> Exchange:
     nodes = [divmod(a, plan.beta) for a in range(plan.beta ** 2)]
     for a, (i, j) in enumerate(nodes):
         recv_rows[layout.attn_rank(i, j)] = (n, len(plan.owned(a)))
-    for c in plan.active_comp_nodes():
+    for c, t, part in _comp_ranks(plan, layout):
         toks = plan.comp_tokens[c]
         for a, (i, j) in enumerate(nodes):
             mine = torch.nonzero(plan.owners[toks] == a).flatten()
             owned = plan.owned(a)
-            routes.append(Route(layout.comp_rank(c), layout.attn_rank(i, j), (len(toks), len(mine)),
+            routes.append(Route(layout.comp_rank(c, t), layout.attn_rank(i, j), (len(toks), len(mine)),
                                 (None, _all_or(mine, len(toks))),
                                 (_all_or(toks, n),
-                                 _all_or(torch.searchsorted(owned, toks[mine]), len(owned)))))
-    return Exchange(layer.layer, DISPATCH, layer.dispatch, layer.dispatch, tuple(routes),
-                    recv_rows, 1)
+                                 _all_or(torch.searchsorted(owned, toks[mine]), len(owned))),
+                                part=part))
+    return Exchange(layer.layer, DISPATCH, layer.dispatch, layer.all_heads(layout.tp).dispatch,
+                    tuple(routes), recv_rows, 1)
 
 
 def _extend_return(plan, layout, layer: LayerPieces) -> Exchange:
@@ -373,14 +437,26 @@ def _extend_return(plan, layout, layer: LayerPieces) -> Exchange:
     the CompNode merges beta**2 partials (the stacked arity differs from prefill's beta)."""
     n, routes, recv_rows = plan.n_tokens, [], {}
     stacked = dataclasses.replace(layer, arity=plan.merge_arity).stacked
-    for c in plan.active_comp_nodes():
+    for c, t, part in _comp_ranks(plan, layout):
         toks = plan.comp_tokens[c]
-        recv_rows[layout.comp_rank(c)] = (len(toks), len(toks))
+        recv_rows[layout.comp_rank(c, t)] = (len(toks), len(toks))
         for a in range(plan.beta ** 2):
-            routes.append(Route(layout.attn_rank(*divmod(a, plan.beta)), layout.comp_rank(c),
-                                (len(toks), 0), (_all_or(toks, n), None), (None, None), slot=a))
+            routes.append(Route(layout.attn_rank(*divmod(a, plan.beta)), layout.comp_rank(c, t),
+                                (len(toks), 0), (_all_or(toks, n), None), (None, None), slot=a,
+                                part=part))
     return Exchange(layer.layer, RETURN, layer.reply, stacked, tuple(routes), recv_rows,
                     plan.merge_arity)
+
+
+def reduction_bytes(plan, layout, reductions) -> dict[int, int]:
+    """Bytes the tensor-parallel all-reduces of one call move per layer, every rank
+    together: each rank of a group sends its rows to the tp - 1 others (`Transport.
+    all_reduce`). ``reductions``: (layer, bytes per token) of each all-reduce site."""
+    tp, out = layout.tp, {}
+    tokens = sum(len(plan.comp_tokens[c]) for c in plan.active_comp_nodes())
+    for layer, per_token in reductions:
+        out[layer] = out.get(layer, 0) + tp * (tp - 1) * tokens * per_token
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -55,6 +55,7 @@ from fxdisagg.stages import propagate, split_stages
 aten = torch.ops.aten
 QUERY_NAMES = ("q", "q_pos", "q_doc")
 KEY_NAMES = ("k", "v", "k_pos", "k_doc", "k_valid")
+HEADED = ("q", "k", "v")          # [B, H, N, D]: tensor parallelism splits dim 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,12 @@ class RolePrograms:
     epilogue: fx.GraphModule
     layers: tuple[LayerPieces, ...]
     frontier: tuple[FrontierValue, ...]
+    comp_by_rank: tuple = ()       # tp > 1: the CompNode program of each TP rank (its weights)
+    reductions: tuple = ()         # tp > 1: (layer, bytes per token) of each all-reduce
+
+    def comp_for(self, t: int) -> fx.GraphModule:
+        """The CompNode program of TP rank ``t`` (``comp`` without tensor parallelism)."""
+        return self.comp_by_rank[t] if self.comp_by_rank else self.comp
 
 
 def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
@@ -81,7 +88,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
     frontier_nodes = _frontier(gm)
     flat = _comp_program(gm, ctx, frontier_nodes, partials, {lp.layer: lp for lp in layers})
     comp = split_stages(flat, gm, class_name="CompNodeProgram")
-    attn = _attn_program(partials, layers)
+    attn = _attn_program(partials, tuple(lp.all_heads(ctx.config.tp) for lp in layers))
     epilogue = _epilogue_program(gm, frontier_nodes)
     frontier = tuple(FrontierValue(n.name, _token_dim(n, ctx) if n.meta[ROLE] == "comp" else None)
                      for n in frontier_nodes)
@@ -89,7 +96,18 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
     propagate(attn, gm)
     ctx.count("lower.exchanges", len(layers))
     ctx.count("lower.stages", len(list(comp.children())))
-    return RolePrograms(comp, attn, epilogue, layers, frontier)
+    return RolePrograms(comp, attn, epilogue, layers, frontier, reductions=_reductions(gm, ctx))
+
+
+def _reductions(gm, ctx) -> tuple[tuple[int, int], ...]:
+    """(layer, bytes per token) of every tensor-parallel all-reduce: one in stage s runs
+    after layer s - 1's merge, the layer a transport counts its bytes under."""
+    out = []
+    for n in gm.graph.find_nodes(op="call_function", target=OPS.tp_all_reduce):
+        v, (d,) = val(n), seq_dims(n, ctx.seq)
+        per_token = v.numel() // v.shape[d] * v.element_size()
+        out.append((n.meta[STAGE] - 1, int(per_token)))
+    return tuple(out)
 
 
 # -- analysis -----------------------------------------------------------------------------------
@@ -120,14 +138,14 @@ def _layer_pieces(ctx, layer: int, partials: list[fx.Node]) -> LayerPieces:
         if len(dims) != 1:
             raise TokenLocalityError(f"lower: {describe_node(node)} ({name} of attention {layer}) "
                                      f"has token dims {dims}; an exchanged tensor has exactly one")
-        return PieceSpec.of(name, val(node), dims[0], side)
+        return PieceSpec.of(name, val(node), dims[0], side, 1 if name in HEADED else None)
 
     query = tuple(spec(k, n, QUERY) for k, n in q_side.items())
     key = tuple(spec(k, n, KEY) for k, n in k_side.items())
     q, v = val(q_side["q"]), val(k_side["v"])
     b, hq = int(q.shape[0]), int(q.shape[1])
-    reply = (PieceSpec("out", q.dtype, (b, hq, None, int(v.shape[-1])), QUERY, 0),
-             PieceSpec("lse", torch.float32, (b, hq, None), QUERY, 0))
+    reply = (PieceSpec("out", q.dtype, (b, hq, None, int(v.shape[-1])), QUERY, 0, 1),
+             PieceSpec("lse", torch.float32, (b, hq, None), QUERY, 0, 1))
     return LayerPieces(layer, query, key, reply, arity=len(partials))
 
 

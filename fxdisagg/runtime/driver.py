@@ -87,7 +87,8 @@ class Driver(abc.ABC):
         self.traffic = {}
         for msg in done.values():
             for (layer, phase), nb in msg[3].items():
-                self.traffic.setdefault(layer, {"dispatch": 0, "return": 0})[phase] += nb
+                per_layer = self.traffic.setdefault(layer, {"dispatch": 0, "return": 0})
+                per_layer[phase] = per_layer.get(phase, 0) + nb
         pieces = {c: done[self.layout.comp_rank(c)][2] for c in plan.active_comp_nodes()}
         frontier = gather_frontier(plan, programs.frontier, pieces)
         with torch.no_grad():
@@ -108,9 +109,10 @@ class Driver(abc.ABC):
         if id(programs) in self._keys:
             return self._keys[id(programs)][0]
         key = len(self._keys)
-        blobs = {"comp": self._blob(programs.comp), "attn": self._blob(programs.attn)}
+        comp = [self._blob(programs.comp_for(t)) for t in range(self.layout.tp)]
+        attn = self._blob(programs.attn)
         for r in range(self.layout.world):
-            blob = blobs["comp" if self.layout.role(r)[0] == COMP else "attn"]
+            blob = comp[r % self.layout.tp] if self.layout.role(r)[0] == COMP else attn
             self._post(r, ("load", key, blob, programs.layers))
         self._await(range(self.layout.world), self.START_TIMEOUT)
         self._keys[id(programs)] = (key, programs)    # keeps programs alive: ids stay unique

@@ -2,8 +2,8 @@
 
 CompNode c is ranks ``c*tp .. c*tp + tp-1`` (its tensor-parallel group, contiguous so that
 a group can sit inside one node under torchrun); AttnNode (i, j) is rank
-``alpha*tp + i*beta + j``. The world has ``alpha*tp + beta**2`` ranks. With tp == 1 (all
-that is built today) CompNode c is rank c.
+``alpha*tp + i*beta + j``. The world has ``alpha*tp + beta**2`` ranks. With tp == 1
+CompNode c is rank c.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ class RankLayout:
         if rank < self.alpha * self.tp:
             return COMP, rank // self.tp
         return ATTN, divmod(rank - self.alpha * self.tp, self.beta)
+
+    def tp_group(self, rank: int) -> tuple[int, ...]:
+        """The ranks of ``rank``'s tensor-parallel group (its CompNode's), in order; an
+        AttnNode is a group of one."""
+        role, c = self.role(rank)
+        return tuple(self.comp_rank(c, t) for t in range(self.tp)) if role == COMP else (rank,)
 
     def describe(self, rank: int) -> str:
         role, idx = self.role(rank)

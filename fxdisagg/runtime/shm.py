@@ -79,6 +79,14 @@ def doorbells(ctx, layout) -> list[list]:
             for r in range(world)]
 
 
+def group_doorbells(ctx, layout) -> list[list]:
+    """``bells[receiver][sender]`` between the ranks of each tensor-parallel group, for
+    their all-reduces (a channel apart from the exchanges', which run between roles)."""
+    world = layout.world
+    return [[ctx.Semaphore(0) if s != r and s in layout.tp_group(r) else None for s in range(world)]
+            for r in range(world)]
+
+
 def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
     if create:
         with open(path, "wb") as f:
@@ -92,7 +100,7 @@ class SharedMemoryTransport(Transport):
     ``timeout``: seconds a receiver waits for one peer."""
 
     def __init__(self, rank: int, world: int, *, tag: str, bells, timeout: float = 300.0,
-                 alive=lambda: True, progress=None):
+                 alive=lambda: True, progress=None, group_bells=None):
         super().__init__(rank, world, progress)
         self.tag, self.bells, self.timeout, self.alive = tag, bells, timeout, alive
         self.device = torch.device("cpu")
@@ -102,12 +110,15 @@ class SharedMemoryTransport(Transport):
         self._boards: dict = {}                                    # peer -> its board
         self._seq = 0
         self.peers = [r for r, bell in enumerate(bells[rank]) if bell is not None]
+        self.group_bells = group_bells
+        if group_bells is not None and any(b is not None for b in group_bells[rank]):
+            self._group_board = self._board_of(rank, create=True, name="groupboard")
 
-    def _board_of(self, rank: int, create: bool = False):
+    def _board_of(self, rank: int, create: bool = False, name: str = "board"):
         """int64 ``[SLOTS, world, 4]`` header slots of ``rank``, as a numpy view (a Python
         int in or out of numpy costs a fraction of a torch element access)."""
         nbytes = SLOTS * self.world * 4 * 8
-        raw = _map(segment_path(self.tag, rank, "board", 0), nbytes, create)
+        raw = _map(segment_path(self.tag, rank, name, 0), nbytes, create)
         return raw.view(torch.int64).view(SLOTS, self.world, 4).numpy()
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
@@ -145,7 +156,7 @@ class SharedMemoryTransport(Transport):
     def _collect(self, ex: Exchange, seq: int) -> list:
         """Hear every peer's doorbell for exchange ``seq``, then map the routes into this rank."""
         for src in self.peers:
-            self._hear(src, ex)
+            self._hear(src, self.bells[self.rank][src], f"layer {ex.layer} {ex.phase}")
         chunks = []
         for src, nbytes in ex.recv_sizes(self.rank):
             if src not in self.peers:
@@ -163,21 +174,46 @@ class SharedMemoryTransport(Transport):
             chunks.append(self._their_segment(src, ex.phase, gen, off + size)[off:off + size])
         return chunks
 
-    def _hear(self, src: int, ex: Exchange) -> None:
+    def _hear(self, src: int, bell, what: str) -> None:
         deadline = time.monotonic() + self.timeout
-        bell = self.bells[self.rank][src]
         while not bell.acquire(timeout=_POLL):
             if not self.alive():
                 raise RuntimeError(f"rank {self.rank}: the driver is gone (waiting on rank {src} "
-                                   f"in layer {ex.layer} {ex.phase})")
+                                   f"in {what})")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {self.rank}: rank {src} did not start layer {ex.layer} "
-                                   f"{ex.phase} within {self.timeout:g} s")
+                raise TimeoutError(f"rank {self.rank}: rank {src} did not start {what} within "
+                                   f"{self.timeout:g} s")
 
-    def _board_from(self, src: int):
-        if src not in self._boards:
-            self._boards[src] = self._board_of(src)
-        return self._boards[src]
+    # -- tensor-parallel all-reduce: the same headers and segments, a channel of its own ----
+    def _gather(self, x):
+        """Write ``x`` into this rank's segment of the reduction's parity, announce it to the
+        group and read the others' in place. Two segments alternate: a rank writes
+        reduction s + 2 only after every peer started s + 1, i.e. finished reading s."""
+        seq, nbytes = self._reductions, x.numel() * x.element_size()
+        phase = f"all_reduce{seq % 2}"
+        gen, seg = self._segment(phase, nbytes)
+        seg[:nbytes].copy_(x.reshape(-1).view(torch.uint8))
+        header = self._group_board[seq % SLOTS]
+        header[:, 1:] = gen, 0, nbytes
+        header[:, 0] = seq
+        group = [r for r in self.tp_group if r != self.rank]
+        for r in group:
+            self.group_bells[r][self.rank].release()
+        parts = {self.rank: x}
+        for r in group:
+            self._hear(r, self.group_bells[self.rank][r], "all-reduce")
+            got, gen, _, size = self._board_from(r, "groupboard")[seq % SLOTS, self.rank].tolist()
+            if got != seq or size != nbytes:
+                raise RuntimeError(f"rank {self.rank}: rank {r}'s all-reduce header reads {got} with "
+                                   f"{size} bytes; expected {seq} with {nbytes}: the group's ranks "
+                                   f"ran different programs")
+            parts[r] = self._their_segment(r, phase, gen, size)[:size].view(x.dtype).view(x.shape)
+        return [parts[r] for r in self.tp_group]
+
+    def _board_from(self, src: int, name: str = "board"):
+        if (src, name) not in self._boards:
+            self._boards[(src, name)] = self._board_of(src, name=name)
+        return self._boards[(src, name)]
 
     def _their_segment(self, src: int, phase: str, gen: int, nbytes: int) -> torch.Tensor:
         key = (src, phase, gen)
@@ -190,7 +226,7 @@ class SharedMemoryTransport(Transport):
         return seg
 
     def close(self) -> None:
-        for phase, (gen, _) in [*self._mine.items(), ("board", (0, None))]:
+        for phase, (gen, _) in [*self._mine.items(), ("board", (0, None)), ("groupboard", (0, None))]:
             try:
                 os.unlink(segment_path(self.tag, self.rank, phase, gen))
             except FileNotFoundError:

@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 from fxdisagg.errors import ConfigError, WorkerError
 from fxdisagg.runtime.driver import Driver
 from fxdisagg.runtime.layout import COMP, RankLayout
-from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, remove_segments
+from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, group_doorbells, remove_segments
 from fxdisagg.runtime.worker import ProgramBlob, Worker, format_error, serve, worker_error
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class _InliningQueue:
         self.q.put(_inline(msg))
 
 
-def _worker_main(rank, config, tag, bells, cmd_q, res_q, progress, parent_pid):
+def _worker_main(rank, config, tag, bells, group_bells, cmd_q, res_q, progress, parent_pid):
     """Entry point of a spawned worker."""
     import fxdisagg  # noqa: F401  (registers the ops the programs call)
 
@@ -114,7 +114,8 @@ def _worker_main(rank, config, tag, bells, cmd_q, res_q, progress, parent_pid):
             return os.getppid() == parent_pid
 
         transport = SharedMemoryTransport(rank, layout.world, tag=tag, bells=bells,
-                                          timeout=config.timeout, alive=alive, progress=progress)
+                                          timeout=config.timeout, alive=alive, progress=progress,
+                                          group_bells=group_bells)
         worker = Worker(rank, layout, transport, strategy=config.sharding, cache_size=config.cache_size)
         res_q.put(("ready", rank))
         try:
@@ -176,9 +177,9 @@ class SpawnRuntime(Driver):
         self.res_q = ctx.Queue()
         self.cmd_qs = [ctx.Queue() for _ in range(world)]
         self.tag = _tag()
-        bells = doorbells(ctx, self.layout)
+        bells, group_bells = doorbells(ctx, self.layout), group_doorbells(ctx, self.layout)
         self.procs = [ctx.Process(target=_worker_main, name=f"fxdisagg-{self.layout.describe(r)}",
-                                  args=(r, config, self.tag, bells, self.cmd_qs[r], self.res_q,
+                                  args=(r, config, self.tag, bells, group_bells, self.cmd_qs[r], self.res_q,
                                         self.progress, os.getpid()), daemon=True)
                       for r in range(world)]
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.cmd_qs, 5.0, self.tag)

@@ -83,6 +83,7 @@ class TorchrunRuntime:
         self._call, self._deadline, self._seen_layer = 0, None, None
         transport = CollectiveTransport(self.rank, self.layout.world, device=self.device,
                                         watch=self._watch)
+        transport.tp_handle = self._tp_groups()
         self.worker = Worker(self.rank, self.layout, transport, strategy=config.sharding,
                              cache_size=config.cache_size)
         self.heartbeat = heartbeat.Heartbeat(self.store, self.rank, self.layout.world,
@@ -90,6 +91,19 @@ class TorchrunRuntime:
         self._next_pulse_check = 0.0
         self._keys: dict[int, tuple[int, object]] = {}
         self.traffic: dict[int, dict[str, int]] = {}
+
+    def _tp_groups(self):
+        """Every rank makes every CompNode's tensor-parallel group (``new_group`` is
+        collective) and keeps its own; None without tensor parallelism."""
+        if self.layout.tp == 1:
+            return None
+        mine = None
+        for c in range(self.layout.alpha):
+            ranks = list(self.layout.tp_group(self.layout.comp_rank(c)))
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                mine = group
+        return mine
 
     def run(self, programs, plan, flat: list, step=None) -> list | None:
         """One SPMD call; the length is rank 0's (``plan`` is this rank's own view). Every
@@ -175,7 +189,8 @@ class TorchrunRuntime:
         check_same_digest(programs_digest(programs), self.device)
         key = len(self._keys)
         role = self.layout.role(self.rank)[0]
-        self.worker.load(key, programs.comp if role == COMP else programs.attn, programs.layers)
+        self.worker.load(key, programs.comp_for(self.rank % self.layout.tp) if role == COMP
+                         else programs.attn, programs.layers)
         self._keys[id(programs)] = (key, programs)
         return key
 
@@ -212,13 +227,14 @@ class TorchrunRuntime:
         return out
 
     def _sum_traffic(self, programs) -> None:
-        layers = [lp.layer for lp in programs.layers]
-        sent = torch.zeros(len(layers), 2, dtype=torch.int64)
+        layers, phases = [lp.layer for lp in programs.layers], (*PHASES, "all_reduce")
+        sent = torch.zeros(len(layers), len(phases), dtype=torch.int64)
         for (layer, phase), nb in self.worker.transport.sent.items():
-            sent[layers.index(layer), PHASES.index(phase)] += nb
+            sent[layers.index(layer), phases.index(phase)] += nb
         sent = sent.to(self.device)
         wait_watched(dist.all_reduce(sent, async_op=True), self._watch)
-        self.traffic = {l: {"dispatch": int(d), "return": int(r)} for l, (d, r) in zip(layers, sent.tolist())}
+        kept = phases if self.layout.tp > 1 else PHASES
+        self.traffic = {l: dict(zip(kept, row)) for l, row in zip(layers, sent.tolist())}
 
     def _gather_frontier(self, plan, frontier, pieces) -> dict[int, tuple]:
         """Rank 0 receives every active CompNode's token-local pieces into buffers sized
@@ -226,7 +242,8 @@ class TorchrunRuntime:
         active = plan.active_comp_nodes()
         token_local = [k for k, fv in enumerate(frontier) if fv.dim is not None]
         if self.rank != 0:
-            if self.layout.role(self.rank)[0] == COMP and self.worker.index in active:
+            if self.layout.role(self.rank)[0] == COMP and self.worker.index in active \
+                    and self.rank == self.layout.comp_rank(self.worker.index):    # TP rank 0
                 for k in token_local:
                     wait_watched(dist.isend(pieces[k].contiguous(), dst=0), self._watch)
             return {}

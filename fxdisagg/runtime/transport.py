@@ -14,6 +14,11 @@ one route fills a tensor in order). Routing is never decided here.
 Both count the bytes this rank sent per (layer, phase) (``sent``) and publish the layer
 they are in (``layer``, and ``progress[rank]`` when given) for error reports and the
 driver's stall detection.
+
+Tensor-parallel CompNodes also sum tensors over their group (``all_reduce``): every rank
+of the group sends its tensor to the others (`_gather`, per transport) and each adds the
+group's tensors in rank order, so the ranks hold bitwise equal sums. At tp = 2 that moves
+what a ring all-reduce moves, ``2 (tp - 1) / tp`` of the tensor per rank.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class Transport(abc.ABC):
         self.sent: dict[tuple[int, str], int] = {}
         self._pending: dict[int, tuple[Exchange, object]] = {}
         self._next = 0
+        self.tp_group: tuple[int, ...] = (rank,)    # this rank's TP group, in rank order
+        self._reductions = 0
 
     def begin(self, schedule: Schedule) -> None:
         self.schedule, self.layer, self.sent = schedule, None, {}
@@ -62,6 +69,22 @@ class Transport(abc.ABC):
         chunks = self._collect(ex, token)
         device = rows[0].device if rows else None
         return ex.place(self.rank, chunks, device)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over `tp_group`, added in rank order."""
+        self._reductions += 1
+        x = x.contiguous()
+        key = (self.layer, "all_reduce")
+        self.sent[key] = self.sent.get(key, 0) + x.numel() * x.element_size() * (len(self.tp_group) - 1)
+        parts = self._gather(x)
+        out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+        for p in parts[2:]:
+            out += p
+        return out
+
+    def _gather(self, x: torch.Tensor) -> list:
+        """Every `tp_group` rank's ``x`` (this rank's included), in group order."""
+        raise NotImplementedError(f"{type(self).__name__} has no tensor-parallel groups")
 
     def idle(self) -> None:
         """A rank with nothing to do this call (a CompNode without tokens) still takes part
@@ -92,6 +115,12 @@ class CollectiveTransport(Transport):
                  watch=None):
         super().__init__(rank, world, progress)
         self.group, self.device, self.watch = group, torch.device(device or "cpu"), watch
+        self.tp_handle = None       # the torch.distributed group of `tp_group`
+
+    def _gather(self, x):
+        parts = [torch.empty_like(x) for _ in self.tp_group]
+        wait_watched(dist.all_gather(parts, x, group=self.tp_handle, async_op=True), self.watch)
+        return parts
 
     def _post(self, ex: Exchange, buf, dsts, sizes):
         in_sizes = [0] * self.world
@@ -188,11 +217,18 @@ class QueueTransport(Transport):
 
     def _collect(self, ex: Exchange, token) -> list:
         want = [src for src, _ in ex.recv_sizes(self.rank)]
-        got = {}
-        for src in want:
-            key = (ex.layer, ex.phase, src)
-            while key not in self._early:
-                layer, phase, s, chunk = self.boxes.get(self.rank)
-                self._early[(layer, phase, s)] = chunk
-            got[src] = self._early.pop(key)
-        return [got[s] for s in want]
+        return [self._message(ex.layer, ex.phase, src) for src in want]
+
+    def _message(self, layer, phase, src):
+        key = (layer, phase, src)
+        while key not in self._early:
+            layer_, phase_, s, chunk = self.boxes.get(self.rank)
+            self._early[(layer_, phase_, s)] = chunk
+        return self._early.pop(key)
+
+    def _gather(self, x):
+        tag = ("all_reduce", self._reductions)
+        for r in self.tp_group:
+            if r != self.rank:
+                self.boxes.boxes[r].put((tag, "all_reduce", self.rank, x))
+        return [x if r == self.rank else self._message(tag, "all_reduce", r) for r in self.tp_group]

@@ -55,6 +55,7 @@ class Worker:
     def __init__(self, rank: int, layout: RankLayout, transport, *, strategy: str,
                  cache_size: int):
         self.rank, self.layout, self.transport, self.strategy = rank, layout, transport, strategy
+        transport.tp_group = layout.tp_group(rank)
         self.role, self.index = layout.role(rank)
         self.programs: dict[int, tuple] = {}
         self.plans = LRU(cache_size)
