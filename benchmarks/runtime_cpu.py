@@ -10,12 +10,15 @@ A mid-size Llama (hidden 512, 8 layers, 8 heads, fp32) at N tokens, batch 1:
             memory, headers and doorbells too, four exchanges per layer, inputs and
             frontier through the driver channel), with no parallelism to hide the runtime;
   - (2, 2): two CompNodes and four AttnNodes, beside it for scale (on a machine with fewer
-            cores than workers it measures contention, not speed-up).
+            cores than workers it measures contention, not speed-up);
+  - (1, tp=2, 1): one CompNode split over two tensor-parallel ranks and one AttnNode; its
+            all-reduce bytes per layer, measured, are printed beside the ring all-reduce
+            formula 2 (tp - 1) / tp x tokens x hidden x element size per rank and all-reduce.
 Workers start before timing (first call); repeats are interleaved (eager, (1,1), (2,2), ...)
 and medians compared, so load from other processes affects all alike.
 Goals (issue 7): (1,1)/eager <= 1.10, (2,2)/eager <= 1.15.
 
-Usage: python benchmarks/runtime_cpu.py [--quick] [--n N] [--repeats R] [--no-22]
+Usage: python benchmarks/runtime_cpu.py [--quick] [--n N] [--repeats R] [--no-22] [--no-tp]
 """
 
 from __future__ import annotations
@@ -43,14 +46,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-22", action="store_true", help="skip the (2, 2) column")
+    ap.add_argument("--no-tp", action="store_true", help="skip the (1, tp=2, 1) column")
     args = ap.parse_args()
     n, repeats = (256, 3) if args.quick else (args.n, args.repeats)
 
     model = tiny_model("llama", layers=8, hidden=512, heads=8, kv_heads=8, vocab=1024)
     kw = inputs("llama", 1, n, vocab=1024)
-    grids = [(1, 1)] + ([] if args.no_22 else [(2, 2)])
-    dms = {g: fxdisagg.compile(model, *g, example_inputs=inputs("llama", 1, 16, vocab=1024),
-                               launch="spawn", timeout=600, max_len=max(n, 4096)) for g in grids}
+    grids = [(1, 1, 1)] + ([] if args.no_22 else [(2, 1, 2)]) + ([] if args.no_tp else [(1, 2, 1)])
+    dms = {g: fxdisagg.compile(model, g[0], g[2], tp=g[1], launch="spawn", timeout=600,
+                               example_inputs=inputs("llama", 1, 16, vocab=1024),
+                               max_len=max(n, 4096)) for g in grids}
     try:
         ref = reference(model, kw)
         for g, dm in dms.items():                          # start workers, check numbers
@@ -70,11 +75,24 @@ def main() -> None:
         print(f"  eager            {med['eager'] * 1e3:9.1f} ms")
         print(f"  captured         {med['captured'] * 1e3:9.1f} ms   ratio {med['captured'] / med['eager']:.2f}x")
         for g in grids:
-            print(f"  alpha,beta={g}  {med[g] * 1e3:9.1f} ms   ratio {med[g] / med['eager']:.2f}x"
+            print(f"  alpha,tp,beta={g}  {med[g] * 1e3:9.1f} ms   ratio {med[g] / med['eager']:.2f}x"
                   f"   vs captured {med[g] / med['captured']:.2f}x")
+        if (1, 2, 1) in dms:
+            all_reduce_bytes(dms[(1, 2, 1)], n, hidden=512, tp=2)
     finally:
         for dm in dms.values():
             dm.close()
+
+
+def all_reduce_bytes(dm, n: int, hidden: int, tp: int) -> None:
+    """Measured all-reduce bytes per layer (every rank, both all-reduces) and per rank and
+    all-reduce, beside the ring formula."""
+    ring = 2 * (tp - 1) / tp * n * hidden * 4
+    print(f"  all-reduce bytes, tp={tp}: ring formula per rank and all-reduce {ring:,.0f}")
+    for layer, t in sorted(dm.traffic.items()):
+        per = t["all_reduce"] / (2 * tp)
+        print(f"    layer {layer}: measured {t['all_reduce']:,} (2 all-reduces x {tp} ranks), "
+              f"per rank and all-reduce {per:,.0f} = {per / ring:.2f}x the formula")
 
 
 if __name__ == "__main__":

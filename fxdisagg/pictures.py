@@ -6,7 +6,8 @@ as one box per role and stage, both as graphviz DOT text.
   sets of its rows on the left and the key sets of its columns below, the cell formula,
   and arrows labelled with what travels (bytes per layer when known).
 - `roles_dot`: the driver's inputs, each CompNode stage summarised in words (read off the
-  stage's ops: "RMSNorm, h -> q,k,v, RoPE", "expsum-merge, O-proj, RMSNorm, MLP (SiLU)"),
+  stage's ops: "RMSNorm, h -> q,k,v, RoPE", "expsum-merge, O-proj, RMSNorm, MLP (SiLU)";
+  with tensor-parallel CompNodes the group and its all-reduces: "O-proj, all-reduce"),
   the AttnNode grid's stage, and the epilogue. Consecutive stages that say the same are
   one box marked "x n layers", so a 32-layer model is as small as a 2-layer one (the
   op-level graph of one stage is `stage_dot`, on request).
@@ -58,6 +59,8 @@ def _tokens(ops: list[str]) -> list[tuple[str, str]]:
             events.append(("rope", ""))
         elif op == "embedding" and not (events and events[-1] == ("embed", "")):
             events.append(("embed", ""))
+        elif op == "tp_all_reduce":
+            events.append(("allreduce", ""))
     return events
 
 
@@ -85,6 +88,8 @@ def stage_summary(stage, merges: bool, dispatches: bool) -> str:
             elif not words or not words[-1].startswith("MLP"):
                 words.append("MLP")
             seen_linear = True
+        elif kind == "allreduce":
+            words.append("all-reduce")
         elif kind == "act" and words and words[-1] == "MLP":
             words[-1] = f"MLP ({detail})"
         elif kind == "rope" and words and words[-1] in ("h → q,k,v", "RoPE") and "RoPE" not in words:
@@ -139,18 +144,25 @@ def roles_dot(programs, alpha: int, beta: int) -> str:
     """The role graph: one box per run of equal CompNode stages, the AttnNode grid beside
     the stages that dispatch to it, the epilogue at the end (module docstring)."""
     summaries = comp_stage_summaries(programs)
+    tp = max(1, len(programs.comp_by_rank))
     lines = ["digraph roles {", "  rankdir=TB; nodesep=0.6; ranksep=0.45;",
              '  node [shape=box, fontname="Helvetica", fontsize=11];',
              '  edge [fontname="Helvetica", fontsize=9];',
              _box("inputs", "driver", "inputs (input_ids, mask, positions)", OTHER_COLOUR)]
     attn = attn_summary(programs)
-    previous = "inputs"
+    previous, noted = "inputs", False
     for first, last, words in runs(summaries):
         name = f"comp_{first}"
         count = last - first + 1
         span = f"stage {first}" if count == 1 else f"stages {first}-{last} (× {count} layers)"
-        lines.append(_box(name, f"{alpha} CompNode{'s' if alpha > 1 else ''}, {span}",
-                          html.escape(words), COMP_COLOUR))
+        group = f" × {tp} TP ranks" if tp > 1 else ""
+        body = html.escape(words)
+        if tp > 1 and "all-reduce" in words and not noted:
+            body += ("<br/><i>column-parallel q,k,v and MLP up, row-parallel O-proj and MLP down;"
+                     "<br/>each all-reduce sums the TP group's partial outputs</i>")
+            noted = True
+        lines.append(_box(name, f"{alpha} CompNode{'s' if alpha > 1 else ''}{group}, {span}",
+                          body, COMP_COLOUR))
         lines.append(f"  {previous} -> {name};")
         if first < len(programs.layers):             # this run dispatches: draw the grid
             grid = f"attn_{first}"

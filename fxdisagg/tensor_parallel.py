@@ -13,10 +13,13 @@ shared with the user's model. HF writes head counts in its views as ``-1`` and d
 GQA's head map from ratios, so the copy's own code computes the local shapes, and one
 capture (of rank 0's copy) is the program of every rank of a group: only the parameters
 differ (`rank_programs`). Why not DTensor's ``parallelize_module`` before capture: the plan
-is the same (HF's ``base_model_tp_plan`` *is* a DTensor plan), but exporting DTensor
-modules traces a real process group into the graph and its collectives, and fxdisagg's
-workers own their process groups (three runtimes, none of them torch.distributed in the
-driver); a plain sliced module exports like the model itself.
+is the same (HF's ``base_model_tp_plan`` *is* a DTensor plan), but it does not export
+here: a Llama parallelized with ``ColwiseParallel``/``RowwiseParallel`` on a fake process
+group fails ``torch.export`` (non-strict, torch 2.13) with "Expected all
+pytree.tree_leaves ... to be graphable types, but found ... DTensorSpec"; and where it
+exports it traces a live process group's collectives into the graph, while fxdisagg's
+workers own their transports (three runtimes, no process group in the driver). A plain
+sliced module exports like the model itself.
 
 The plan: HF's ``config.base_model_tp_plan`` ("colwise" / "rowwise" on ``nn.Linear``),
 or `OWN_PLANS` for families HF ships none for (GPT-2's fused ``Conv1D`` ``c_attn`` is split

@@ -24,7 +24,7 @@ def llama():
 
 
 @pytest.mark.parametrize("kw", [dict(alpha=0), dict(beta=0), dict(alpha="2"), dict(tp=0),
-                                dict(tp=2), dict(sharding="diagonal"), dict(launch="ssh"),
+                                dict(tp="2"), dict(sharding="diagonal"), dict(launch="ssh"),
                                 dict(kernel="cuda"), dict(bogus=1)])
 def test_invalid_options(llama, kw):
     args = dict(alpha=1, beta=1, launch="inprocess") | kw

@@ -93,7 +93,7 @@ def test_config_is_frozen_validated_and_shared():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.alpha = 3
     for bad in (dict(alpha=0), dict(sharding="x"), dict(launch="mpi"), dict(kernel="cuda"),
-                dict(timeout=0), dict(tp=2), dict(max_len=-1)):
+                dict(timeout=0), dict(tp=0), dict(max_len=-1)):
         with pytest.raises(ConfigError):
             Config(**bad)
     with pytest.raises(ConfigError, match="unknown options"):

@@ -54,18 +54,14 @@ def test_doorbells_ring_between_roles_only():
     assert [r for r, b in enumerate(BELLS[3]) if b is not None] == [0]
 
 
-class _Exchange:
-    layer, phase = 2, "return"
-
-
 def test_a_silent_peer_times_out_and_a_gone_driver_is_noticed(monkeypatch):
     import fxdisagg.runtime.shm as shm
     monkeypatch.setattr(shm, "_POLL", 0.05)
     tag = uuid.uuid4().hex[:8]
     t = _transport(1, tag, timeout=0.2)
     with pytest.raises(TimeoutError, match="rank 0 did not start layer 2 return within 0.2 s"):
-        t._hear(0, _Exchange())
+        t._hear(0, t.bells[1][0], "layer 2 return")
     t = _transport(1, tag, alive=lambda: False)
     with pytest.raises(RuntimeError, match="the driver is gone"):
-        t._hear(0, _Exchange())
+        t._hear(0, t.bells[1][0], "layer 2 return")
     remove_segments(tag)

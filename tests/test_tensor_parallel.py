@@ -9,6 +9,7 @@ import torch
 
 import fxdisagg
 from fxdisagg.errors import ConfigError
+from fxdisagg.pictures import roles_dot
 from fxdisagg.runtime.layout import RankLayout
 from fxdisagg.schedule import DISPATCH, Schedule
 from fxdisagg.tensor_parallel import ROWWISE, _linear, _planned
@@ -45,6 +46,8 @@ def test_two_all_reduces_per_layer_and_split_weights(family):
         programs = split._latest().programs
         assert _reductions_per_stage(programs.comp) == [0, 2, 2, 2]
         assert all(_reductions_per_stage(programs.comp_for(t)) == [0, 2, 2, 2] for t in (0, 1))
+        words = roles_dot(programs, 1, 1)
+        assert "1 CompNode × 2 TP ranks" in words and "O-proj, all-reduce" in words
         planned = sum(_linear(m)[0].numel() * 4 + (0 if s == ROWWISE or m.bias is None else m.bias.numel() * 4)
                       for _, m, s in _planned(model))
         full, ranks = whole.memory[0]["params"], split.memory
