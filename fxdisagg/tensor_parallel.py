@@ -22,8 +22,10 @@ workers own their transports (three runtimes, no process group in the driver). A
 sliced module exports like the model itself.
 
 The plan: HF's ``config.base_model_tp_plan`` ("colwise" / "rowwise" on ``nn.Linear``),
-or `OWN_PLANS` for families HF ships none for (GPT-2's fused ``Conv1D`` ``c_attn`` is split
-per head within each of q, k and v). Anything else raises `ConfigError` naming the module.
+or `OWN_PLANS` for families HF ships none for or one fxdisagg cannot apply (GPT-2's fused
+``Conv1D`` ``c_attn`` and Phi-3's fused ``qkv_proj`` are split per head within each of q, k
+and v; Phi-3's fused ``gate_up_proj`` within each half). Anything else raises
+`ConfigError` naming the module.
 """
 
 from __future__ import annotations
@@ -37,16 +39,33 @@ from torch import nn
 
 from fxdisagg.errors import ConfigError
 
-COLWISE, ROWWISE, COLWISE_QKV = "colwise", "rowwise", "colwise_qkv"
+COLWISE, ROWWISE = "colwise", "rowwise"
+COLWISE_QKV = "colwise_qkv"            # fused [q | k | v] rows: each section split per head
+COLWISE_PAIR = "colwise_pair"          # fused [gate | up] rows: each half split alike
 
-#: plans (relative to ``model.base_model``) for families HF ships none for, and the
-#: attributes of their modules that hold sizes the split changes
+#: plans (relative to ``model.base_model``) for families HF ships none for, or ships one
+#: fxdisagg cannot apply (Phi-3's fused projections are "colwise_gather_output" there)
 OWN_PLANS = {
     "gpt2": {"h.*.attn.c_attn": COLWISE_QKV, "h.*.attn.c_proj": ROWWISE,
              "h.*.mlp.c_fc": COLWISE, "h.*.mlp.c_proj": ROWWISE},
+    "phi3": {"layers.*.self_attn.qkv_proj": COLWISE_QKV, "layers.*.self_attn.o_proj": ROWWISE,
+             "layers.*.mlp.gate_up_proj": COLWISE_PAIR, "layers.*.mlp.down_proj": ROWWISE},
 }
-OWN_ATTRS = {
-    "gpt2": {"h.*.attn": ("split_size",)},        # c_attn's output is split at split_size
+
+
+def _local_config(module, tp: int) -> None:
+    """Phi-3 reads its head counts from ``self.config`` to cut its fused qkv."""
+    c = module.config = copy.copy(module.config)
+    c.num_attention_heads //= tp
+    c.num_key_value_heads //= tp
+
+
+#: per family, module pattern -> how its copy learns the local sizes the split changes
+OWN_FIXES = {
+    "gpt2": {"h.*.attn": lambda m, tp: setattr(m, "split_size", m.split_size // tp)},
+    "phi3": {"layers.*.self_attn": lambda m, tp: (setattr(m, "num_key_value_heads",
+                                                           m.num_key_value_heads // tp),
+                                                   _local_config(m, tp))},
 }
 
 
@@ -66,13 +85,13 @@ class RowParallelLinear(nn.Module):
 
 def plan_of(model: nn.Module) -> dict[str, str]:
     config = getattr(model, "config", None)
-    plan = getattr(config, "base_model_tp_plan", None) or OWN_PLANS.get(getattr(config, "model_type", None))
+    plan = OWN_PLANS.get(getattr(config, "model_type", None)) or getattr(config, "base_model_tp_plan", None)
     if not plan:
         raise ConfigError(f"tp > 1 needs a tensor-parallel plan for {type(model).__name__}: HF ships "
                           f"none for model_type {getattr(config, 'model_type', None)!r} and fxdisagg "
                           f"has its own only for {sorted(OWN_PLANS)}; use tp=1")
     for name, style in plan.items():
-        if style not in (COLWISE, ROWWISE, COLWISE_QKV):
+        if style not in (COLWISE, ROWWISE, COLWISE_QKV, COLWISE_PAIR):
             raise ConfigError(f"tp > 1: the plan of {type(model).__name__} splits {name!r} as "
                               f"{style!r}; fxdisagg splits only colwise and rowwise linears")
     return plan
@@ -87,7 +106,8 @@ def check_tp(model: nn.Module, tp: int) -> None:
     config = model.config
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
-    sizes = [heads, kv] + [_linear(m)[0].shape[0] for _, m, s in _planned(model) if s != ROWWISE]
+    sizes = [heads, kv] + [n for _, m, s in _planned(model) if s != ROWWISE
+                           for n in _sections(model, m, s)]
     if any(s % tp for s in sizes):
         ok = [d for d in range(1, heads + 1) if all(s % d == 0 for s in sizes)]
         raise ConfigError(f"tp={tp} does not divide the model: {heads} query heads, {kv} kv "
@@ -99,13 +119,11 @@ def shard_model(model: nn.Module, tp: int, t: int) -> nn.Module:
     check_tp(model, tp)
     root = _Copier(model)
     for name, module, style in _planned(model):
-        root.replace(_base_name(model, name), _slice(module, style, tp, t))
-    for pattern, attrs in OWN_ATTRS.get(model.config.model_type, {}).items():
-        for name, module in model.base_model.named_modules():
+        root.replace(_base_name(model, name), _slice(module, _sections(model, module, style), tp, t))
+    for pattern, fix in OWN_FIXES.get(model.config.model_type, {}).items():
+        for name, _ in model.base_model.named_modules():
             if _matches(pattern, name):
-                clone = root.module(_base_name(model, name))
-                for a in attrs:
-                    setattr(clone, a, getattr(module, a) // tp)
+                fix(root.module(_base_name(model, name)), tp)
     return root.copy
 
 
@@ -167,15 +185,29 @@ def _linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
                       f"nn.Linear nor Conv1D")
 
 
-def _slice(module, style: str, tp: int, t: int) -> nn.Module:
-    w, b = _linear(module)
+def _sections(model, module, style: str) -> list[int] | None:
+    """The row sections a column split cuts alike (None: a row split): q, k, v sized by the
+    head counts for a fused qkv, two halves for a fused gate-up, else the whole."""
+    out = _linear(module)[0].shape[0]
     if style == ROWWISE:
+        return None
+    if style == COLWISE_QKV:
+        c = model.config
+        heads = c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        d = out // (heads + 2 * kv)
+        return [heads * d, kv * d, kv * d]
+    return [out // 2] * 2 if style == COLWISE_PAIR else [out]
+
+
+def _slice(module, sections: list[int] | None, tp: int, t: int) -> nn.Module:
+    w, b = _linear(module)
+    if sections is None:
         cols = w.shape[1] // tp
         return RowParallelLinear(w[:, t * cols:(t + 1) * cols].clone(), None if b is None else b.detach().clone())
-    sections = 3 if style == COLWISE_QKV else 1         # fused q|k|v: each split alike
-    size = w.shape[0] // sections
-    rows = torch.cat([torch.arange(s * size + t * size // tp, s * size + (t + 1) * size // tp)
-                      for s in range(sections)])
+    starts = [sum(sections[:k]) for k in range(len(sections))]
+    rows = torch.cat([torch.arange(s0 + t * n // tp, s0 + (t + 1) * n // tp)
+                      for s0, n in zip(starts, sections)])
     out = nn.Linear(w.shape[1], len(rows), bias=b is not None, device=w.device, dtype=w.dtype)
     out.weight = nn.Parameter(w.detach()[rows].clone(), requires_grad=False)
     if b is not None:

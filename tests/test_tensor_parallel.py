@@ -29,6 +29,20 @@ def test_tensor_parallel_is_exact(family, alpha, tp, beta):
         assert dm.traffic == dm.expected_traffic(13, batch=2)
 
 
+def test_phi3_fused_qkv_and_gate_up_are_split_per_head():
+    """Phi-3 fuses q, k, v (GQA: sections of 4 and 2 heads) and gate, up: each section is
+    split alike, and the attention's copy learns its local head counts."""
+    import transformers as tf
+    torch.manual_seed(0)
+    config = tf.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = tf.Phi3ForCausalLM(config).eval()
+    kw = inputs("llama", 2, 13, padding=True)
+    with fxdisagg.compile(model, 2, 2, tp=2, launch="inprocess", example_inputs=kw) as dm:
+        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL
+    assert model.model.layers[0].self_attn.config.num_attention_heads == 4   # the user's model
+
+
 def _reductions_per_stage(program) -> list[int]:
     return [sum(n.target is torch.ops.fxdisagg.tp_all_reduce.default for n in stage.graph.nodes)
             for _, stage in sorted(program.named_children(), key=lambda kv: int(kv[0].split("_")[1]))]
