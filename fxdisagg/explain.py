@@ -64,11 +64,13 @@ def attention_sites(compiled) -> list[str]:
                         if k.startswith("find_attention.")) or "none"
     lines = [f"Attention sites matched: {spelled} (a refused site is a compile error)"]
     calls = _partial_attention_calls(compiled.programs.attn)
+    tp = max(1, len(compiled.programs.comp_by_rank))
+    per_rank = f" ({tp} TP ranks: 1/{tp} each)" if tp > 1 else ""
     for lp, node in zip(compiled.programs.layers, calls):
         q = next(p for p in lp.query if p.name == "q")
         k = next(p for p in lp.key if p.name == "k")
-        lines.append(f"  layer {lp.layer}: {q.shape[1]} query heads, {k.shape[1]} kv heads, "
-                     f"head dim {q.shape[-1]}; mask: {_mask_words(node)}")
+        lines.append(f"  layer {lp.layer}: {q.shape[1] * tp} query heads, {k.shape[1] * tp} kv "
+                     f"heads{per_rank}, head dim {q.shape[-1]}; mask: {_mask_words(node)}")
     return lines
 
 
@@ -76,9 +78,11 @@ def where_ops_run(compiled, alpha: int, beta: int) -> list[str]:
     programs = compiled.programs
     lines = ["Where ops run:"]
     summaries = pictures.comp_stage_summaries(programs)
+    tp = max(1, len(programs.comp_by_rank))
+    group = f" x {tp} TP ranks" if tp > 1 else ""
     for first, last, words in pictures.runs(summaries):
         span = f"stage {first}" if first == last else f"stages {first}-{last}"
-        lines.append(f"  {alpha} CompNode(s), {span}: {words}")
+        lines.append(f"  {alpha} CompNode(s){group}, {span}: {words}")
     lines.append(f"  {beta}x{beta} AttnNodes, every layer: "
                  + pictures.attn_summary(programs).replace("<br/>", "; "))
     epilogue = sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
@@ -108,17 +112,21 @@ def _attr(mod, target: str):
     return mod
 
 
+def _bytes_words(t: dict) -> str:
+    """``dispatch 37,312, return 13,056`` (and the all-reduces' bytes under tensor parallelism)."""
+    return ", ".join(f"{phase.replace('_', '-')} {nb:,}" for phase, nb in t.items())
+
+
 def work_per_node(compiled, plan, batch: int, traffic: dict) -> list[str]:
     programs = compiled.programs
     layers = len(programs.layers)
-    per_layer = {(t["dispatch"], t["return"]) for t in traffic.values()}
+    per_layer = {tuple(t.items()) for t in traffic.values()}
     if len(per_layer) == 1:
-        (d, r), = per_layer
         lines = [f"Expected bytes per layer (batch {batch}, every one of {layers} layers): "
-                 f"dispatch {d:,}, return {r:,}"]
+                 f"{_bytes_words(next(iter(traffic.values())))}"]
     else:
         lines = [f"Expected bytes (batch {batch}):"] + [
-            f"  layer {l}: dispatch {t['dispatch']:,}, return {t['return']:,}" for l, t in traffic.items()]
+            f"  layer {l}: {_bytes_words(t)}" for l, t in traffic.items()]
     lines.append("Work per node (one call, all layers):")
     weights = _linear_weights(programs.comp)
     for c, toks in enumerate(plan.comp_tokens):
@@ -153,7 +161,8 @@ def explain(dm, n_tokens: int | None = None) -> str:
     config = dm.config
     name = getattr(dm.model, "display_name", type(dm.model).__name__)
     sections = [
-        [f"fxdisagg: {name}, alpha={config.alpha}, beta={config.beta}, "
+        [f"fxdisagg: {name}, alpha={config.alpha}, "
+         + (f"tp={config.tp}, " if config.tp > 1 else "") + f"beta={config.beta}, "
          f"sharding={config.sharding!r}, batch {batch}, {n} tokens, lengths 1.."
          f"{compiled.captured.max_len}"] + [f"  note: {w}" for w in compiled.warnings],
         attention_sites(compiled),

@@ -62,6 +62,8 @@ def test_two_all_reduces_per_layer_and_split_weights(family):
         assert all(_reductions_per_stage(programs.comp_for(t)) == [0, 2, 2, 2] for t in (0, 1))
         words = roles_dot(programs, 1, 1)
         assert "1 CompNode × 2 TP ranks" in words and "O-proj, all-reduce" in words
+        text = split.explain()
+        assert "tp=2" in text and "(2 TP ranks: 1/2 each)" in text and "all-reduce " in text
         planned = sum(_linear(m)[0].numel() * 4 + (0 if s == ROWWISE or m.bias is None else m.bias.numel() * 4)
                       for _, m, s in _planned(model))
         full, ranks = whole.memory[0]["params"], split.memory
