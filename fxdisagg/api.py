@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from fxdisagg.capture import (HF_DEFAULTS, Captured, capture, check_inference, check_token_ids,
-                              flat_inputs)
+from fxdisagg.capture import (HF_DEFAULTS, Captured, capture, capture_example, check_inference,
+                              check_token_ids, flat_inputs, new_columns)
 from fxdisagg.config import Config
 from fxdisagg.contracts import check_all
 from fxdisagg.errors import ConfigError, InputError
@@ -123,7 +123,7 @@ class DisaggregatedModel:
                tuple(sorted((k, repr(v)) for k, v in settings.items() if k != "use_cache")))
         key = self._compatible(key)
         if key not in self._compiled:
-            example = _capture_example(tensors, {k: self._token_dims(k) for k in tensors})
+            example = capture_example(tensors, {k: self._token_dims(k) for k in tensors})
             self._compiled[key] = self._compile({**example, **settings}, n, len(self._compiled))
         self._last_n = self._last_n or n
         self._last_key = key
@@ -331,7 +331,7 @@ class DisaggregatedModel:
         kwargs.pop("use_cache", None)
         with self._lock:
             past = cache.seq_length
-            new = _new_columns(kwargs, past)
+            new = new_columns(kwargs, past)
             b, n = new["input_ids"].shape
             if b != cache.batch:
                 raise InputError(f"the cache holds {cache.batch} sequences, the call has {b}")
@@ -374,42 +374,8 @@ class DisaggregatedModel:
         self.close()
 
 
-def _new_columns(kwargs: dict, past: int) -> dict:
-    """The call's token inputs restricted to its new tokens: HF passes ``attention_mask``
-    (and sometimes ``position_ids``) over cached and new tokens alike."""
-    ids = kwargs.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise InputError("a call with a cache needs input_ids of shape [batch, new tokens]")
-    n, out = ids.shape[1], {}
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor) and k != "input_ids" and v.dim() >= 2 and v.shape[1] != n:
-            if v.shape[1] != past + n:
-                raise InputError(f"{k} has {v.shape[1]} tokens; with {past} cached and {n} new "
-                                 f"it must have {n} or {past + n}")
-            v = v[:, past:]
-        out[k] = v
-    return out
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
-
-
-def _capture_example(inputs: dict[str, torch.Tensor], token_dims: dict[str, tuple[int, ...]]
-                     ) -> dict[str, torch.Tensor]:
-    """Inputs to trace with: at least 8 tokens (export specialises lengths 0 and 1), made by
-    tiling the user's tokens along each input's token dims, so names, dtypes, devices and
-    batch match the calls."""
-    out = {}
-    for k, v in inputs.items():
-        for d in token_dims[k]:
-            n = v.shape[d]
-            if n < 8:
-                reps = [1] * v.dim()
-                reps[d] = -(-8 // n)
-                v = v.repeat(*reps).narrow(d, 0, 8)
-        out[k] = v.clone(memory_format=torch.contiguous_format)  # a view leaks its base's size
-    return out
 
 
 def _auto_grid(model, example_inputs, options: dict) -> tuple[int, int]:

@@ -264,3 +264,37 @@ def flat_inputs(cap: Captured, kwargs: dict[str, Any], past: int = 0) -> list[to
         raise InputError(f"sequence length {past + n} is outside the captured range "
                          f"[1, {cap.max_len}]; {fix}")
     return flat
+
+
+def capture_example(inputs: dict[str, torch.Tensor], token_dims: dict[str, tuple[int, ...]]
+                     ) -> dict[str, torch.Tensor]:
+    """Inputs to trace with: at least 8 tokens (export specialises lengths 0 and 1), made by
+    tiling the user's tokens along each input's token dims, so names, dtypes, devices and
+    batch match the calls."""
+    out = {}
+    for k, v in inputs.items():
+        for d in token_dims[k]:
+            n = v.shape[d]
+            if n < 8:
+                reps = [1] * v.dim()
+                reps[d] = -(-8 // n)
+                v = v.repeat(*reps).narrow(d, 0, 8)
+        out[k] = v.clone(memory_format=torch.contiguous_format)  # a view leaks its base's size
+    return out
+
+
+def new_columns(kwargs: dict, past: int) -> dict:
+    """The call's token inputs restricted to its new tokens: HF passes ``attention_mask``
+    (and sometimes ``position_ids``) over cached and new tokens alike."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise InputError("a call with a cache needs input_ids of shape [batch, new tokens]")
+    n, out = ids.shape[1], {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and k != "input_ids" and v.dim() >= 2 and v.shape[1] != n:
+            if v.shape[1] != past + n:
+                raise InputError(f"{k} has {v.shape[1]} tokens; with {past} cached and {n} new "
+                                 f"it must have {n} or {past + n}")
+            v = v[:, past:]
+        out[k] = v
+    return out

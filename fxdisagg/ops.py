@@ -109,7 +109,7 @@ def exchange_start(send: list[Tensor], layer: int, phase: str) -> Tensor:
 
 def exchange_wait(handle: Tensor, rows: list[Tensor], layer: int, phase: str, pieces: str) -> list[Tensor]:
     """Wait for the exchange ``handle`` started and return what this rank received:
-    ``pieces`` (`fxdisagg.schedule.PieceSpec` text) in order, the token dim of a piece of
+    ``pieces`` (`fxdisagg.pieces.PieceSpec` text) in order, the token dim of a piece of
     side s sized ``rows[s].size(0)``. Empty for a rank that only sends in this phase."""
     return comm.current().wait(int(handle), list(rows))
 
@@ -119,7 +119,7 @@ def _exchange_start_fake(send, layer, phase):
 
 
 def _exchange_wait_fake(handle, rows, layer, phase, pieces):
-    from fxdisagg.schedule import decode_pieces
+    from fxdisagg.pieces import decode_pieces
     specs = decode_pieces(pieces)
     device = rows[0].device if rows else handle.device
     return [torch.empty(p.sized(rows[p.side].shape[0]), dtype=p.dtype, device=device)
@@ -136,7 +136,7 @@ def kv_cache(keys: list[Tensor], q_pos: Tensor, layer: int, window: Optional[int
     action = comm.cache()
     if action is None:
         return list(keys)
-    from fxdisagg.schedule import decode_pieces
+    from fxdisagg.pieces import decode_pieces
     specs = decode_pieces(pieces)
     return action(layer, list(keys), q_pos, window, tuple(p.name for p in specs),
                   tuple(p.token_dim for p in specs))
@@ -144,7 +144,7 @@ def kv_cache(keys: list[Tensor], q_pos: Tensor, layer: int, window: Optional[int
 
 def _kv_cache_fake(keys, q_pos, layer, window, pieces):
     """The cached length is data (it grows per call): one new size shared by all pieces."""
-    from fxdisagg.schedule import decode_pieces
+    from fxdisagg.pieces import decode_pieces
     specs = decode_pieces(pieces)
     rows = torch.library.get_ctx().new_dynamic_size()
     return [k.new_empty(p.sized(rows)) for k, p in zip(keys, specs)]

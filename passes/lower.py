@@ -30,9 +30,9 @@ symbols (`fxdisagg.stages.propagate`):
   arity; the stacked size in the op's text is prefill's, used only by fake propagation).
 - **epilogue program** ``(*frontier gathered over all tokens) -> flat outputs``.
 
-``RolePrograms.layers`` holds one `LayerPieces` per attention: the routing facts the
-runtime's `fxdisagg.schedule.Schedule` is built from; the comm ops carry the same specs as
-text. Counts: ``lower.exchanges`` (layers), ``lower.stages``.
+``RolePrograms.layers`` holds one `fxdisagg.pieces.LayerPieces` per attention: the routing
+facts the runtime's `fxdisagg.schedule.Schedule` is built from; the comm ops carry the same
+specs as text. Counts: ``lower.exchanges`` (layers), ``lower.stages``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from fxdisagg.errors import TokenLocalityError
 from fxdisagg.graph import describe_node, is_seq, mentions_seq, seq_dims, val
 from fxdisagg.ir import OPS, ROLE, STAGE, args_of, make_node, schema_args
 from fxdisagg.pipeline import PassContext
-from fxdisagg.schedule import (DISPATCH, KEY, QUERY, RETURN, LayerPieces, PieceSpec,
-                               encode_pieces)
+from fxdisagg.pieces import KEY, QUERY, LayerPieces, PieceSpec, encode_pieces
+from fxdisagg.schedule import DISPATCH, RETURN
 from fxdisagg.stages import propagate, split_stages
 
 aten = torch.ops.aten

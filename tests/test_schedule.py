@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxdisagg.plan import Plan
 from fxdisagg.runtime.layout import RankLayout
-from fxdisagg.schedule import (DISPATCH, KEY, QUERY, RETURN, LayerPieces, PieceSpec,
-                               build_exchanges, decode_pieces, encode_pieces)
+from fxdisagg.pieces import KEY, QUERY, LayerPieces, PieceSpec, decode_pieces, encode_pieces
+from fxdisagg.schedule import DISPATCH, RETURN, build_exchanges
 
 B, HQ, HKV, D, DV = 2, 4, 2, 16, 8
 aten = torch.ops.aten
