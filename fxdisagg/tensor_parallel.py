@@ -53,19 +53,24 @@ OWN_PLANS = {
 }
 
 
-def _local_config(module, tp: int) -> None:
-    """Phi-3 reads its head counts from ``self.config`` to cut its fused qkv."""
-    c = module.config = copy.copy(module.config)
+def _local_split_size(attention, tp: int) -> None:
+    """GPT-2 cuts its fused qkv output at ``split_size``."""
+    attention.split_size //= tp
+
+
+def _local_head_counts(attention, tp: int) -> None:
+    """Phi-3 reads its head counts from itself and, to cut its fused qkv, from its config
+    (a copy: the user's model keeps its own)."""
+    attention.num_key_value_heads //= tp
+    c = attention.config = copy.copy(attention.config)
     c.num_attention_heads //= tp
     c.num_key_value_heads //= tp
 
 
 #: per family, module pattern -> how its copy learns the local sizes the split changes
 OWN_FIXES = {
-    "gpt2": {"h.*.attn": lambda m, tp: setattr(m, "split_size", m.split_size // tp)},
-    "phi3": {"layers.*.self_attn": lambda m, tp: (setattr(m, "num_key_value_heads",
-                                                           m.num_key_value_heads // tp),
-                                                   _local_config(m, tp))},
+    "gpt2": {"h.*.attn": _local_split_size},
+    "phi3": {"layers.*.self_attn": _local_head_counts},
 }
 
 
@@ -204,7 +209,8 @@ def _slice(module, sections: list[int] | None, tp: int, t: int) -> nn.Module:
     w, b = _linear(module)
     if sections is None:
         cols = w.shape[1] // tp
-        return RowParallelLinear(w[:, t * cols:(t + 1) * cols].clone(), None if b is None else b.detach().clone())
+        return RowParallelLinear(w.detach()[:, t * cols:(t + 1) * cols].clone(),
+                                 None if b is None else b.detach().clone())
     starts = [sum(sections[:k]) for k in range(len(sections))]
     rows = torch.cat([torch.arange(s0 + t * n // tp, s0 + (t + 1) * n // tp)
                       for s0, n in zip(starts, sections)])
