@@ -42,6 +42,9 @@ from fxdisagg.errors import ConfigError
 COLWISE, ROWWISE = "colwise", "rowwise"
 COLWISE_QKV = "colwise_qkv"            # fused [q | k | v] rows: each section split per head
 COLWISE_PAIR = "colwise_pair"          # fused [gate | up] rows: each half split alike
+#: HF plan styles whose modules fxdisagg keeps whole on every rank, which is exact: norms
+#: replicated for training's sake, vocabulary-parallel embeddings (a lookup, not a matmul)
+KEPT_WHOLE = {"replicated_with_grad_allreduce", "embedding_rowwise"}
 
 #: plans (relative to ``model.base_model``) for families HF ships none for, or ships one
 #: fxdisagg cannot apply (Phi-3's fused projections are "colwise_gather_output" there)
@@ -96,7 +99,7 @@ def plan_of(model: nn.Module) -> dict[str, str]:
                           f"none for model_type {getattr(config, 'model_type', None)!r} and fxdisagg "
                           f"has its own only for {sorted(OWN_PLANS)}; use tp=1")
     for name, style in plan.items():
-        if style not in (COLWISE, ROWWISE, COLWISE_QKV, COLWISE_PAIR):
+        if style not in (COLWISE, ROWWISE, COLWISE_QKV, COLWISE_PAIR, *KEPT_WHOLE):
             raise ConfigError(f"tp > 1: the plan of {type(model).__name__} splits {name!r} as "
                               f"{style!r}; fxdisagg splits only colwise and rowwise linears")
     return plan
@@ -164,7 +167,8 @@ def _lookup(module: nn.Module, target: str):
 
 # -- slicing ------------------------------------------------------------------------------------
 def _planned(model):
-    plan = plan_of(model)
+    """(name, module, style) of every module the plan splits."""
+    plan = {p: s for p, s in plan_of(model).items() if s not in KEPT_WHOLE}
     for name, module in model.base_model.named_modules():
         for pattern, style in plan.items():
             if _matches(pattern, name):

@@ -43,6 +43,22 @@ def test_phi3_fused_qkv_and_gate_up_are_split_per_head():
     assert model.model.layers[0].self_attn.config.num_attention_heads == 4   # the user's model
 
 
+@pytest.mark.parametrize("model_type, extra", [("qwen3", dict(num_key_value_heads=2, head_dim=16)),
+                                               ("gpt_neox", dict())])
+def test_hf_plans_that_keep_some_modules_whole(model_type, extra):
+    """HF's plans also name modules fxdisagg keeps whole on every rank, which is exact:
+    Qwen3's per-head q/k norms ("replicated_with_grad_allreduce"), GPT-NeoX's embedding
+    ("embedding_rowwise"; its fused per-head qkv is split as HF's "colwise")."""
+    import transformers as tf
+    torch.manual_seed(0)
+    config = tf.AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, **extra)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    kw = inputs("llama", 2, 12, padding=True)
+    with fxdisagg.compile(model, 1, 1, tp=2, launch="inprocess", example_inputs=kw) as dm:
+        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL
+
+
 def _reductions_per_stage(program) -> list[int]:
     return [sum(n.target is torch.ops.fxdisagg.tp_all_reduce.default for n in stage.graph.nodes)
             for _, stage in sorted(program.named_children(), key=lambda kv: int(kv[0].split("_")[1]))]
