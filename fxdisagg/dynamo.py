@@ -106,6 +106,9 @@ def backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
     if mode is not None:
         raise ConfigError(f"mode={mode!r} is an Inductor setting; fxdisagg takes "
                           f"options={{'alpha': ..., 'beta': ...}}")
+    if (options or {}).get("tp", 1) != 1:
+        raise ConfigError("tp > 1 splits the model's modules before capture, which Dynamo's "
+                          "graphs no longer have; use fxdisagg.compile(model, alpha, beta, tp=...)")
     slots = _slots(gm)
     if _mark_dynamic(slots, example_inputs):
         raise torch._dynamo.exc.TensorifyScalarRestartAnalysis(

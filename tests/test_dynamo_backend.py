@@ -174,6 +174,13 @@ def test_mode_is_refused_with_a_reason():
             compiled(**inputs("llama", 1, 8))
 
 
+def test_tensor_parallelism_is_refused_with_the_way_that_has_it():
+    compiled = torch.compile(tiny_model("llama"), backend="fxdisagg", options={"tp": 2})
+    with pytest.raises(Exception, match=r"tp > 1 .* use fxdisagg.compile\(model, alpha, beta, tp=...\)"):
+        with torch.no_grad():
+            compiled(**inputs("llama", 1, 8))
+
+
 def test_backend_found_in_a_fresh_interpreter_without_import(tmp_path):
     # run outside the checkout: from its root, transformers' probe for the hub package
     # `kernels` would import our kernels/ directory (and with it fxdisagg)
