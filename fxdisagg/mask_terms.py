@@ -8,7 +8,9 @@ position" can be read off.
 
 Ops the interpreter understands: arange, add/sub/mul/div, comparisons, and, where, abs,
 unsqueeze/expand, full-range slices, advanced indexing by index variables, and casts and
-copies (identity: masks are bool or small integers, exact in any dtype). Anything else
+copies (identity: masks are bool or small integers, exact in any dtype; a score bias that a
+model rounds to a low-precision dtype is applied by the kernels in fp32, more exact than
+the model's own rounding). Anything else
 becomes a leaf if it is a per-token or token-free tensor, and is `Unclassifiable` if not.
 """
 

@@ -126,8 +126,6 @@ def _check_dropout(node, p) -> None:
 
 def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
     """Match backwards and forwards from a softmax over the last (key) dim."""
-    if _folded_heads(_split_mask(args_of(softmax)["self"], ctx)[0]) is not None:
-        return _replace_folded(gm, softmax, ctx)
     a = args_of(softmax)
     x, dim = a["self"], a["dim"]
     if not is_tensor(x) or dim % val(x).dim() not in seq_dims(x, ctx.seq):
@@ -137,6 +135,8 @@ def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
                            f"but not over the last (key) dim; this attention spelling is not "
                            f"supported")
     scores, mask = _split_mask(x, ctx)
+    if _folded_heads(scores) is not None:
+        return _replace_folded(gm, softmax, ctx)
     capped, softcap = _split_softcap(scores)
     qk, scale = _split_scale(capped)
     if qk.target not in (aten.matmul.default, aten.bmm.default) or single_user(qk) is None:
@@ -200,8 +200,8 @@ def _replace_folded(gm, softmax: fx.Node, ctx) -> None:
     if bias is not None:
         mask = bias if mask is None else _added(gm, bias, mask, softmax)
     new = _emit(gm, pv, q, k, v, mask, scale, False)
-    with gm.graph.inserting_before(pv):
-        out3 = make_node(gm.graph, aten.reshape.default, (new, list(val(pv).shape[:1]) + [-1, val(new).shape[-1]]),
+    with gm.graph.inserting_before(pv):                   # back to [B*H, N, Dv] for its users
+        out3 = make_node(gm.graph, aten.reshape.default, (new, [b * h, -1, val(new).shape[-1]]),
                          val=val(pv), created_by="find_attention", like=pv)
     pv.replace_all_uses_with(out3)
     for n in reversed(list(dict.fromkeys([s3, scores, x, softmax, *chain]))):
@@ -226,7 +226,9 @@ def _unfold(gm, t3: fx.Node, b: int, h: int, at: fx.Node) -> fx.Node:
 
 
 def _bias_4d(gm, bias: fx.Node, b: int, h: int, beta: float, at: fx.Node) -> fx.Node:
-    """A fused score bias ``[B*H, 1|Nq, Nk]`` as ``[B, H, 1|Nq, Nk]`` times beta."""
+    """A fused score bias ``[B*H, 1|Nq, Nk]`` as ``[B, H, 1|Nq, Nk]`` times beta: its
+    ``[B, H, Nk]`` source unsqueezed where the graph has one (`classify_masks` reads
+    through unsqueezes, not through reshapes that fold dims), else a reshape."""
     if val(bias).dim() != 3:
         raise PatternError(f"find_attention: {describe_node(bias)} is added to folded-head "
                            f"attention scores but is not [B*H, Nq, Nk]")

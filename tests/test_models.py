@@ -87,13 +87,18 @@ def _modernbert(local_attention: int = 8):
     return tf.ModernBertModel._from_config(config, attn_implementation="sdpa").eval()
 
 
+def _exact_at(model, family: str, lengths, kernel: str):
+    """The model at (2, 2) on ``kernel``, exact at each length with left padding."""
+    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", kernel=kernel)
+    for n in lengths:
+        kw = inputs(family, 2, n, padding=True)
+        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL, n
+    return dm
+
+
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_two_sided_local_window_encoder(kernel):
-    model = _modernbert()
-    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", kernel=kernel)
-    for n in (7, 23):
-        kw = inputs("bert", 2, n, padding=True)
-        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL, n
+    dm = _exact_at(_modernbert(), "bert", (7, 23), kernel)
     assert dm.counts["classify_masks.two-sided window"] == 1
     assert "two-sided window |q - k| < 5" in dm.explain()
 
@@ -131,11 +136,7 @@ def _gemma2(softcap: float):
 def test_logit_soft_capping(kernel):
     """Gemma 2's tanh(s / c) * c between the MatMul and the SoftMax, with a cap small
     enough to bend most scores: exact on every backend, and visible in explain()."""
-    model = _gemma2(softcap=0.5)
-    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", kernel=kernel)
-    for n in (6, 21):
-        kw = inputs("llama", 2, n, padding=True)
-        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL, n
+    dm = _exact_at(_gemma2(softcap=0.5), "llama", (6, 21), kernel)
     assert "logit soft-capping 0.5" in dm.explain()
 
 
@@ -163,11 +164,7 @@ def test_a_tanh_that_is_not_soft_capping_is_refused(monkeypatch):
 def test_alibi(kernel):
     """Bloom: heads folded into the batch dim, ALiBi fused as baddbmm(alibi, q, k^T) with
     positions (cumsum(mask) - 1) * mask, left padding: exact on every backend."""
-    model = tiny_model("bloom")
-    dm = fxdisagg.compile(model, 2, 2, launch="inprocess", kernel=kernel)
-    for n in (6, 21):
-        kw = inputs("bloom", 2, n, padding=True)
-        assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= FP32_TOL, n
+    dm = _exact_at(tiny_model("bloom"), "bloom", (6, 21), kernel)
     assert dm.counts["classify_masks.alibi"] == 2
     assert "ALiBi (slopes 0.25 .. 0.00391)" in dm.explain()
 

@@ -82,9 +82,9 @@ class Transport(abc.ABC):
             out += p
         return out
 
+    @abc.abstractmethod
     def _gather(self, x: torch.Tensor) -> list:
         """Every `tp_group` rank's ``x`` (this rank's included), in group order."""
-        raise NotImplementedError(f"{type(self).__name__} has no tensor-parallel groups")
 
     def idle(self) -> None:
         """A rank with nothing to do this call (a CompNode without tokens) still takes part
