@@ -31,6 +31,10 @@ is 4; the sequence number in the header checks it). Ranks of one role never ring
 other: at (1, 2) a CompNode rings 4 AttnNodes and each AttnNode 1 CompNode per exchange,
 not 20 rings among 5 ranks.
 
+A tensor-parallel CompNode's all-reduce (`Transport.all_reduce`) runs on a channel of its
+own between the ranks of the group: its own header board, doorbells (`group_doorbells`)
+and two segments used by turns (`_gather` says why two suffice).
+
 Segments are files in /dev/shm (``torch.from_file(..., shared=True)``), named by a tag
 unique to the runtime, rank, phase and generation; a segment grows by doubling when a
 longer sequence needs more (a new generation, announced in the header). The creator removes
