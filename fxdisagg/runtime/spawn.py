@@ -9,9 +9,9 @@ torchrun starts its ranks from a module of its own. Scripts without an
 Each worker runs the shared `Worker` loop with a `SharedMemoryTransport` (payloads and
 headers through shared memory, a semaphore per CompNode/AttnNode pair as doorbell; see
 `fxdisagg.runtime.shm`; no process group, no sockets) and persists for the
-DisaggregatedModel's lifetime. The driver makes the doorbells and talks to workers over
-torch.multiprocessing queues (programs, inputs, frontier pieces, errors; small tensors
-inline, see `_Inline`) and polls their liveness while it waits. CompNode weights travel
+DisaggregatedModel's lifetime. The driver makes the doorbells and talks to each worker
+over a pipe of its own (`Channel`: programs, inputs, frontier pieces, errors; small
+tensors inline, see `_Inline`) and polls their liveness while it waits. CompNode weights travel
 once per capture in shared memory (``share_memory_``: one copy in RAM). CPU only: CUDA
 models use torchrun. ``close()``, the context manager, garbage collection and interpreter
 exit stop the workers.
@@ -29,6 +29,7 @@ import sys
 import time
 import types
 import weakref
+from multiprocessing.connection import wait as wait_for_any
 
 import torch
 import torch.multiprocessing as mp
@@ -63,7 +64,7 @@ _INLINE_BYTES = 1 << 16
 class _Inline:
     """A small CPU tensor that pickles as its bytes and unpickles as a tensor again.
 
-    torch.multiprocessing sends every CPU tensor through a queue as a shared-memory file
+    torch.multiprocessing sends every CPU tensor through a pipe as a shared-memory file
     descriptor, one socket round trip to the sender's resource sharer each: a fixed cost
     that dominated the messages of a decode step (inputs of one token per row, the new
     hidden state back). Tensors under `_INLINE_BYTES` travel inside the pickle instead."""
@@ -92,21 +93,64 @@ def _inline(obj):
     return obj
 
 
-class _InliningQueue:
-    """A worker's answer queue: messages go out with their small tensors inlined."""
+class Channel:
+    """One end of the duplex pipe between the driver and a worker, used like a queue.
 
-    def __init__(self, q):
-        self.q = q
+    A pipe rather than a ``multiprocessing.Queue``: a queue pickles and writes in a feeder
+    thread of its own, so the driver's messages of one call left in whatever order the
+    feeder threads got the GIL (the CompNode's, which every AttnNode waits for, often
+    last), and those threads' CPU competed with the workers on a machine with few cores.
+    Here ``put`` pickles and writes in the caller, so messages leave in the order they are
+    put. Messages are small (tensors over `_INLINE_BYTES` travel as shared-memory handles),
+    so a write never waits long on its reader. ``inline``: small tensors of outgoing
+    messages travel inside the pickle (`_Inline`)."""
+
+    def __init__(self, conn, inline: bool = True):
+        self.conn, self.inline = conn, inline
 
     def put(self, msg) -> None:
-        self.q.put(_inline(msg))
+        self.conn.send(_inline(msg) if self.inline else msg)
+
+    def get(self, timeout: float):
+        """The next message; `queue.Empty` after ``timeout`` seconds without one, or once
+        the other end is closed (its process is gone: the caller's liveness checks say so)."""
+        if not self.conn.poll(timeout):
+            raise queue.Empty
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise queue.Empty from None
+
+    def close(self) -> None:
+        self.conn.close()
 
 
-def _worker_main(rank, config, tag, bells, group_bells, cmd_q, res_q, progress, parent_pid):
-    """Entry point of a spawned worker."""
+class _Answers:
+    """The answers of every worker, first come first served, with a queue's ``get``."""
+
+    def __init__(self, channels: list[Channel]):
+        self.open = {c.conn: c for c in channels}
+        self.ready: list = []
+
+    def get(self, timeout: float):
+        if not self.ready:
+            self.ready = wait_for_any(list(self.open), timeout)
+            if not self.ready:
+                raise queue.Empty
+        conn = self.ready.pop()
+        try:
+            return conn.recv()
+        except (EOFError, OSError):      # a worker is gone; `Driver._await` finds out which
+            self.open.pop(conn, None)
+            raise queue.Empty from None
+
+
+def _worker_main(rank, config, tag, bells, group_bells, conn, progress, parent_pid):
+    """Entry point of a spawned worker; ``conn``: its end of the pipe to the driver."""
     import fxdisagg  # noqa: F401  (registers the ops the programs call)
 
     layout = RankLayout(config.alpha, config.beta, config.tp)
+    channel = Channel(conn)
     if "OMP_NUM_THREADS" not in os.environ:      # a user's own setting wins
         torch.set_num_threads(_threads(layout, rank))
     try:
@@ -117,16 +161,15 @@ def _worker_main(rank, config, tag, bells, group_bells, cmd_q, res_q, progress, 
                                           timeout=config.timeout, alive=alive, progress=progress,
                                           group_bells=group_bells)
         worker = Worker(rank, layout, transport, strategy=config.sharding, cache_size=config.cache_size)
-        res_q.put(("ready", rank))
+        channel.put(("ready", rank))
         try:
-            serve(worker, cmd_q, _InliningQueue(res_q), alive=alive)
+            serve(worker, channel, channel, alive=alive)
         finally:
             transport.close()
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises WorkerError
-        res_q.put(("error", rank, None, format_error(e)))
+        channel.put(("error", rank, None, format_error(e)))
     finally:
-        res_q.close()
-        res_q.join_thread()
+        channel.close()
 
 
 @contextlib.contextmanager
@@ -148,15 +191,15 @@ def _workers_start_from_fxdisagg():
             os.environ.pop("OMP_WAIT_POLICY", None)
 
 
-def _stop(procs, cmd_qs, grace: float, tag: str | None = None) -> None:
+def _stop(procs, channels, grace: float, tag: str | None = None) -> None:
     """Ask workers to leave, then kill whoever is still there, and remove what shared
     memory a killed worker left. Safe to call twice."""
-    for p, q in zip(procs, cmd_qs):
+    for p, c in zip(procs, channels):
         if p.is_alive():
             try:
-                q.put(("close",))
+                c.put(("close",))
             except (OSError, ValueError):
-                pass  # queue already closed: the join/kill below still stops the worker
+                pass  # pipe already closed: the join/kill below still stops the worker
     deadline = time.monotonic() + grace
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -174,18 +217,21 @@ class SpawnRuntime(Driver):
         ctx = mp.get_context("spawn")
         world = self.layout.world
         self.progress.share_memory_()
-        self.res_q = ctx.Queue()
-        self.cmd_qs = [ctx.Queue() for _ in range(world)]
+        pipes = [ctx.Pipe() for _ in range(world)]
+        self.channels = [Channel(mine, inline=False) for mine, _ in pipes]
+        self.answers = _Answers(self.channels)
         self.tag = _tag()
         bells, group_bells = doorbells(ctx, self.layout), group_doorbells(ctx, self.layout)
         self.procs = [ctx.Process(target=_worker_main, name=f"fxdisagg-{self.layout.describe(r)}",
-                                  args=(r, config, self.tag, bells, group_bells, self.cmd_qs[r], self.res_q,
+                                  args=(r, config, self.tag, bells, group_bells, theirs,
                                         self.progress, os.getpid()), daemon=True)
-                      for r in range(world)]
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.cmd_qs, 5.0, self.tag)
+                      for r, (_, theirs) in enumerate(pipes)]
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.channels, 5.0, self.tag)
         with _workers_start_from_fxdisagg():
             for p in self.procs:
                 p.start()
+        for _, theirs in pipes:
+            theirs.close()          # the workers hold them: a worker's exit closes its pipe
         log.info("started %d workers (shared memory tag %s)", world, self.tag)
         self._await(range(world), self.START_TIMEOUT)
 
@@ -203,10 +249,10 @@ class SpawnRuntime(Driver):
         return ProgramBlob(program)
 
     def _post(self, rank, msg):
-        self.cmd_qs[rank].put(_inline(msg) if msg[0] == "run" else msg)
+        self.channels[rank].put(_inline(msg) if msg[0] == "run" else msg)
 
     def _answers(self):
-        return self.res_q
+        return self.answers
 
     def _dead(self) -> WorkerError | None:
         dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
@@ -216,7 +262,7 @@ class SpawnRuntime(Driver):
         if killed is not None:
             return killed
         try:                                     # a worker that raised reports before exiting
-            msg = self.res_q.get(timeout=1.0)
+            msg = self.answers.get(timeout=1.0)
             if msg[0] == "error":
                 return worker_error(self.layout, msg[1], msg[2], msg[3])
         except queue.Empty:
@@ -242,7 +288,7 @@ class SpawnRuntime(Driver):
                             f"the worker process (pid {self.procs[r].pid}) {how}")
 
     def _stop(self):
-        _stop(self.procs, self.cmd_qs, 0.0, self.tag)
+        _stop(self.procs, self.channels, 0.0, self.tag)
 
     def close(self) -> None:
         self._finalizer()
