@@ -7,7 +7,11 @@ prompt of ``--ctx`` tokens (2048) with left padding on one row:
     processes, the cache spread over the AttnNodes (split-KV decode: every AttnNode attends
     the new query to its quarter of the cache, the CompNode merges four partials).
 Both are prefilled, then decode steps alternate (HF step, fxdisagg step, ...) so load from
-other processes affects both alike; the medians are compared. Each fxdisagg step's logits
+other processes affects both alike; the medians are compared. Each timed step starts after
+a pause of `SETTLE` seconds: HF's step leaves this process's OpenMP threads spinning in
+libgomp's active wait for a while, and that spinning took 4-6 ms of CPU from the workers'
+two cores during the fxdisagg step that followed (the driver's CPU per step fell from
+~9 ms to ~2 ms with the pause); the pause is before both steps, so each starts alike. Each fxdisagg step's logits
 are checked against HF's. Printed beside it: the bytes of one decode step per layer,
 measured by the transports and predicted by the schedule, and the KV-cache bytes each
 AttnNode holds (measured in the workers) with their max/mean.
@@ -26,6 +30,8 @@ import torch
 
 import fxdisagg
 from fxdisagg.testing import tiny_model
+
+SETTLE = 0.02      # seconds before each timed step (see the module docstring)
 
 
 def main() -> None:
@@ -56,13 +62,14 @@ def main() -> None:
         nxt = hf.logits[:, -1].argmax(-1, keepdim=True)
         for s in range(steps):
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
+            time.sleep(SETTLE)
             t0 = time.perf_counter()
             hf = model(input_ids=nxt, attention_mask=mask, cache=hf_cache, use_cache=True)
-            t1 = time.perf_counter()
+            t_hf.append(time.perf_counter() - t0)
+            time.sleep(SETTLE)
+            t0 = time.perf_counter()
             ours = dm(input_ids=nxt, attention_mask=mask, cache=cache)
-            t2 = time.perf_counter()
-            t_hf.append(t1 - t0)
-            t_ours.append(t2 - t1)
+            t_ours.append(time.perf_counter() - t0)
             worst = max(worst, _rel(ours.logits[:, -1], hf.logits[:, -1]))
             hf_cache, nxt = hf.cache, hf.logits[:, -1].argmax(-1, keepdim=True)
         past = ctx + steps - 1
