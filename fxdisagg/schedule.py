@@ -143,10 +143,10 @@ class Exchange:
         off = 0
         for r in routes:
             for spec, t in zip(self.send_pieces, tensors):
-                if not r.carries(spec):
-                    continue
-                t = _heads_of(t, spec.head_dim, r.part, spec)
                 rows, n = r.rows[spec.side], r.n_rows[spec.side]
+                if n == 0 or not r.carries(spec):   # nothing to copy (decode: the keys of
+                    continue                        # a token go to its owner only)
+                t = _heads_of(t, spec.head_dim, r.part, spec)
                 nb = n * spec.row_bytes()
                 dst = buf[off:off + nb].view(spec.dtype).view(_sized_like(t, spec.token_dim, n))
                 if rows is None:

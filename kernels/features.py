@@ -47,6 +47,11 @@ class TileFeatures:
         return (self.window is None and self.window_ahead is None and self.q_doc is None
                 and self.k_valid is None)
 
+    def only_padding(self) -> bool:
+        """Key validity is the only feature that masks: visibility depends on the key alone."""
+        return (self.k_valid is not None and not self.causal and self.window is None
+                and self.window_ahead is None and self.q_doc is None)
+
     def masks_nothing(self) -> bool:
         """Every key is visible to every query."""
         return not self.causal and self.only_causal()

@@ -5,6 +5,8 @@ the fused CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`) 
 the log-sum-exp we need, and the tiles R-sharding produces are causal triangles:
 
 1. no masking feature left          -> one plain call (GQA folded into the row dim: free);
+   only key validity left (a decode step: every cached key is in the query's past, some
+   are left padding) -> the same call with one additive mask row per batch row;
 2. causal only, and the tile's visibility is `tril(0)` of the `[Mq, Mk]` grid -> one
    top-left causal call; if it is `tril(-1)` (query stripe before key stripe: local query
    a sees local key b iff b < a) -> row 0 sees nothing, rows 1.. are a causal call;
@@ -133,6 +135,24 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tenso
     return out.reshape(b, hq, mq, d), lse.reshape(b, hq, mq)
 
 
+def _padded(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Tensor]:
+    """Only padding masks: the mask depends on the key alone, so it is one additive row
+    `[B|1, 1, 1, Mk]` that the kernel broadcasts over heads and query rows, and the GQA
+    group folds into the rows as in `_plain` (no k/v expansion, no `[Mq, Mk]` mask). This is
+    every decode tile of a left-padded batch, the AttnNode's hot path."""
+    b, hq, mq, d = q.shape
+    hkv = k.shape[1]
+    valid = f.k_valid if f.k_valid.dim() == 2 else f.k_valid[None]  # [B|1, Mk]
+    mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, NEG_INF)
+    qf = q.reshape(b, hkv, (hq // hkv) * mq, d)  # [B, Hkv, G*Mq, D]
+    out, lse = _flash(qf, k, v, f.scale, False, mask[:, None, None])
+    out, lse = out.reshape(b, hq, mq, d), lse.reshape(b, hq, mq)
+    any_valid = valid.any(-1)  # [B|1]
+    if bool(any_valid.all()):
+        return out, lse
+    return _fix_empty_rows(out, lse, any_valid[:, None].expand(-1, mq))
+
+
 def _triangle(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int) -> tuple[Tensor, Tensor]:
     """Causal tile `tril(0)`: one top-left causal call (row a sees keys [0, a]).
     `tril(-1)`: row 0 sees nothing, rows 1.. are a causal call on `q[:, :, 1:]`.
@@ -220,6 +240,8 @@ def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]
         return "masked", f  # the bias rides in the additive mask
     if f.masks_nothing():
         return "plain", f
+    if f.only_padding():
+        return "padded", f
     if f.only_causal():
         offset = _triangle_offset(f.q_pos, f.k_pos)
         if offset is not None:
@@ -229,7 +251,7 @@ def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]
 
 def tile_kind(q: Tensor, k: Tensor, features: TileFeatures) -> str:
     """Name of the case `partial_attention` uses for this tile, for tests and dumps:
-    "empty", "plain", "causal", "causal_shifted", "masked" or "math"."""
+    "empty", "plain", "padded", "causal", "causal_shifted", "masked" or "math"."""
     return _classify(q, k, features)[0]
 
 
@@ -242,6 +264,8 @@ def partial_attention(
         return _empty_rows(q)
     if kind == "plain":
         return _plain(q, k, v, f.scale)
+    if kind == "padded":
+        return _padded(q, k, v, f)
     if kind in ("causal", "causal_shifted"):
         return _triangle(q, k, v, f.scale, 0 if kind == "causal" else -1)
     if kind == "masked":

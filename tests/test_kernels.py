@@ -260,6 +260,26 @@ def test_padding_fully_masked_rows():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("mq", [1, 3])
+def test_decode_tiles_of_a_padded_batch(dtype, hq, hkv, mq):
+    """A decode step (mq=1) or chunk (mq=3) over an AttnNode's cache slice: every key is in
+    the queries' past, some are left padding, one batch row has no valid key at all.
+    Only padding masks, so the tile takes the key-row mask ("padded"), never "masked"."""
+    b, mk, past = 3, 9, 40
+    k_pos = torch.arange(mk) * 4 + 1                     # slice (0, 1) of beta = 2's cache
+    q_pos = torch.arange(past, past + mq)
+    valid = torch.ones(b, mk, dtype=torch.bool)
+    valid[1, :4] = False                                   # left padding of row 1
+    valid[2] = False                                       # row 2: all of this slice is padding
+    q, k, v = make_qkv(b, hq, hkv, mq, mk, 8, dtype, seed=5)
+    assert tile_kind(q, k, q_pos, k_pos, causal=True, k_valid=valid) == "padded"
+    out, lse = check_tile(q, k, v, q_pos, k_pos, causal=True, k_valid=valid)
+    assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
+    check_tile(q, k, v, q_pos, k_pos, causal=False, k_valid=valid[0])  # [Mk] validity
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("per_batch", [False, True])
 def test_documents(dtype, per_batch):
     """Packed sequences: doc ids per token; positions restart per document (or not)."""
