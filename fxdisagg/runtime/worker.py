@@ -53,8 +53,9 @@ class LRU(collections.OrderedDict):
 
 class Worker:
     def __init__(self, rank: int, layout: RankLayout, transport, *, strategy: str,
-                 cache_size: int):
+                 cache_size: int, threads=None):
         self.rank, self.layout, self.transport, self.strategy = rank, layout, transport, strategy
+        self.threads = threads      # CompNode: called with each call's rows (`spawn.CallThreads`)
         transport.tp_group = layout.tp_group(rank)
         self.role, self.index = layout.role(rank)
         self.programs: dict[int, tuple] = {}
@@ -92,6 +93,8 @@ class Worker:
         if step is not None:
             flat = self._history(step, flat)
             tokens = tokens + (step.past if step.mode == EXTEND else 0)
+        if self.threads is not None:
+            self.threads(len(tokens) * (flat[0].shape[0] if flat and flat[0].dim() > 1 else 1))
         with comm.bound(self.transport), torch.no_grad():
             if len(tokens) == 0:
                 self.transport.idle()
