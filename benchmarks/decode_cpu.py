@@ -11,8 +11,8 @@ other processes affects both alike; the medians are compared. Each timed step st
 a pause of `SETTLE` seconds: HF's step leaves this process's OpenMP threads spinning in
 libgomp's active wait for a while, and that spinning took 4-6 ms of CPU from the workers'
 two cores during the fxdisagg step that followed (the driver's CPU per step fell from
-~9 ms to ~2 ms with the pause); the pause is before both steps, so each starts alike. Each fxdisagg step's logits
-are checked against HF's. Printed beside it: the bytes of one decode step per layer,
+~9 ms to ~2 ms with the pause); the pause is before both steps, so each starts alike.
+Each fxdisagg step's logits are checked against HF's. Printed beside it: the bytes of one decode step per layer,
 measured by the transports and predicted by the schedule, and the KV-cache bytes each
 AttnNode holds (measured in the workers) with their max/mean.
 Goal (issue 8): fxdisagg step / HF step <= 1.5 on this CPU.

@@ -11,7 +11,7 @@ histories: `fxdisagg.runtime.kvcache`). Its commands:
     ("call", fn, args)                          -> ("result", rank, fn(worker, *args))
     ("close",)
 
-`serve` runs the loop over two channels (thread queues in-process, multiprocessing queues
+`serve` runs the loop over two channels (thread queues in-process, one pipe per worker
 for spawned processes); under torchrun every rank calls `Worker.run` itself (SPMD). A
 command that raises is answered with ``("error", rank, layer, traceback text)``; a failed
 run also ends the loop, and the driver stops and replaces the workers after any error.
