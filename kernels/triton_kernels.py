@@ -3,7 +3,9 @@
 Only device code lives here. The host side (shape/dtype/device checks, output
 allocation, grids, autotune configs, `torch.library.triton_op` registration) is in
 `triton_backend.py`, and for the decode variant in `triton_decode.py`; never launch these
-kernels directly.
+kernels directly. One module (~440 lines) on purpose: it is the device code of both
+kernels, which share their per-key-block step and feature loads (below); split, each
+kernel would read apart from the helpers it is made of.
 
 Two attention kernels share the per-key-block work (`_attend_key_block`: classify the block
 from min/max features, skip it, or run one online-softmax step with or without an element

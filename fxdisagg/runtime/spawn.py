@@ -165,19 +165,19 @@ class _Answers:
     """The answers of every worker, first come first served, with a queue's ``get``."""
 
     def __init__(self, channels: list[Channel]):
-        self.open = {c.conn: c for c in channels}
+        self.open = [c.conn for c in channels]     # the pipes of workers not known gone
         self.ready: list = []
 
     def get(self, timeout: float):
         if not self.ready:
-            self.ready = wait_for_any(list(self.open), timeout)
+            self.ready = wait_for_any(self.open, timeout)
             if not self.ready:
                 raise queue.Empty
         conn = self.ready.pop()
         try:
             return conn.recv()
         except (EOFError, OSError):      # a worker is gone; `Driver._await` finds out which
-            self.open.pop(conn, None)
+            self.open.remove(conn)
             raise queue.Empty from None
 
 
