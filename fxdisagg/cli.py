@@ -108,7 +108,8 @@ def _dump(args) -> int:
     except FxDisaggError as e:
         print(f"refused: {type(e).__name__}: {e}")
         return 1
-    print(f"wrote {dm.compiled.dump_dir}: passes, role programs, roles.svg, plan.svg, stage_*.dot")
+    print(f"wrote {dm.compiled.dump_dir}: passes, role programs, stage_*.dot, roles and plan "
+          f"(.dot, and .svg where graphviz is installed)")
     return 0
 
 
