@@ -131,30 +131,60 @@ class Exchange:
         return sum(r.nbytes(self.send_pieces) for r in self.sends(rank))
 
     # -- the sender: one packing copy -------------------------------------------------------
+    @_per_rank
+    def _send_layout(self, rank: int) -> tuple:
+        """Per copy ``rank`` makes when it packs: (tensor index, byte offset, bytes, shape
+        at the destination, token dim, rows or None, head dim, part, spec). Shapes are
+        static: the token counts are the exchange's, the other dims the specs'."""
+        copies, off = [], 0
+        for r in self.sends(rank):
+            for k, spec in enumerate(self.send_pieces):
+                n = r.n_rows[spec.side]
+                if n == 0 or not r.carries(spec):   # nothing to copy (decode: the keys of
+                    continue                        # a token go to its owner only)
+                rows = r.rows[spec.side]
+                copies.append((k, off, n * spec.row_bytes(), spec.sized(n), spec.token_dim,
+                               rows, spec.head_dim, r.part, spec))
+                off += piece_bytes(spec, n)
+        return tuple(copies)
+
+    def _send_views(self, rank: int, buf: Tensor) -> list[Tensor]:
+        """The destination of every copy of `_send_layout`, as views of ``buf``. Kept per
+        buffer (a transport packs into the same segment call after call; a kept view holds
+        its storage, so an equal data pointer is the same memory)."""
+        key = ("send views", rank)
+        ptr = (buf.data_ptr(), buf.numel(), buf.device)
+        kept = self._memo.get(key)
+        if kept is None or kept[0] != ptr:
+            views = [buf[off:off + nb].view(spec.dtype).view(shape)
+                     for _, off, nb, shape, _, _, _, _, spec in self._send_layout(rank)]
+            kept = self._memo[key] = (ptr, views)
+        return kept[1]
+
     def pack(self, rank: int, tensors: Sequence[Tensor], out: Tensor | None = None
              ) -> tuple[Tensor, list[int], list[int]]:
         """Every route from ``rank`` as one flat uint8 buffer (routes in rank order, pieces
         in spec order), the destination ranks and the byte count of each. Each byte is copied once,
         straight into the buffer (``index_select(out=)`` or ``copy_``)."""
-        routes = self.sends(rank)
-        sizes = [r.nbytes(self.send_pieces) for r in routes]
+        dsts, sizes = self._send_sizes(rank)
         buf = out if out is not None else torch.empty(
             sum(sizes), dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
-        off = 0
-        for r in routes:
-            for spec, t in zip(self.send_pieces, tensors):
-                rows, n = r.rows[spec.side], r.n_rows[spec.side]
-                if n == 0 or not r.carries(spec):   # nothing to copy (decode: the keys of
-                    continue                        # a token go to its owner only)
-                t = _heads_of(t, spec.head_dim, r.part, spec)
-                nb = n * spec.row_bytes()
-                dst = buf[off:off + nb].view(spec.dtype).view(_sized_like(t, spec.token_dim, n))
-                if rows is None:
-                    dst.copy_(t)
-                else:
-                    torch.index_select(t, spec.token_dim, rows.to(t.device), out=dst)
-                off += piece_bytes(spec, n)
-        return buf, [r.dst for r in routes], sizes
+        layout = self._send_layout(rank)
+        for (k, _, _, shape, d, rows, hd, part, spec), dst in zip(layout, self._send_views(rank, buf)):
+            t = _heads_of(tensors[k], hd, part, spec)
+            if rows is None:
+                if t.shape != shape:
+                    raise ValueError(f"layer {self.layer} {self.phase}: piece {spec.name} is "
+                                     f"{tuple(t.shape)}, the schedule packs {shape}")
+                dst.copy_(t)
+            else:
+                torch.index_select(t, d, rows.to(t.device), out=dst)
+        return buf, dsts, sizes
+
+    @_per_rank
+    def _send_sizes(self, rank: int) -> tuple[list[int], list[int]]:
+        routes = self.sends(rank)
+        return [r.dst for r in routes], [r.nbytes(self.send_pieces) for r in routes]
 
     @_per_rank
     def recv_sizes(self, rank: int) -> tuple[tuple[int, int], ...]:
@@ -169,15 +199,13 @@ class Exchange:
         routes = self.receives(rank)
         if rank not in self.recv_rows:          # a rank that only sends in this phase
             return []
-        rows = self.recv_rows[rank]
-        views = [self._unpack(r, c) for r, c in zip(routes, chunks)]
-        out = []
+        views, whole = self._recv_views(rank, chunks)
+        rows, out = self.recv_rows[rank], []
         for k, spec in enumerate(self.recv_pieces):
-            d, n = spec.token_dim, rows[spec.side]
-            if len(routes) == 1 and routes[0].dst_rows[spec.side] is None:
-                v = views[0][k]
-                out.append(v.unsqueeze(0) if routes[0].slot is not None else v)
+            if whole[k] is not None:             # one route fills it in order: no copy
+                out.append(whole[k])
                 continue
+            d, n = spec.token_dim, rows[spec.side]
             full = torch.empty(spec.sized(n), dtype=spec.dtype, device=device)  # routes cover every row
             for r, v in zip(routes, views):
                 if not r.carries(spec):
@@ -193,6 +221,27 @@ class Exchange:
                     target.index_copy_(dd, where.to(target.device), v[k])
             out.append(full)
         return out
+
+    def _recv_views(self, rank: int, chunks: Sequence[Tensor]) -> tuple[list, list]:
+        """Every route's pieces as views of its chunk (`_unpack`), and per received piece
+        the view that is the whole tensor when one route fills it in order (with the slot
+        dim of a stacked partial), else None. Kept per set of chunks, as `_send_views`
+        keeps its views: a decode step receives into the same bytes as the step before."""
+        key = ("recv views", rank)
+        ptrs = tuple((c.data_ptr(), c.numel(), c.device) for c in chunks)
+        kept = self._memo.get(key)
+        if kept is None or kept[0] != ptrs:
+            routes = self.receives(rank)
+            views = [self._unpack(r, c) for r, c in zip(routes, chunks)]
+            whole = [None] * len(self.recv_pieces)
+            if len(routes) == 1:
+                r = routes[0]
+                for k, spec in enumerate(self.recv_pieces):
+                    if r.dst_rows[spec.side] is None:
+                        v = views[0][k]
+                        whole[k] = v.unsqueeze(0) if r.slot is not None else v
+            kept = self._memo[key] = (ptrs, views, whole)
+        return kept[1], kept[2]
 
     def _unpack(self, route: Route, chunk: Tensor) -> list[Tensor | None]:
         pieces, off = [], 0

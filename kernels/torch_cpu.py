@@ -50,33 +50,43 @@ def _shared_rows(x: Optional[Tensor]) -> Optional[Tensor]:
     return x
 
 
-def _simplify(f: TileFeatures) -> TileFeatures:
-    """Drop every feature that masks nothing in this tile (O(Mq + Mk), exact)."""
-    q_pos, k_pos = _shared_rows(f.q_pos), _shared_rows(f.k_pos)
-    q_doc, k_doc = _shared_rows(f.q_doc), _shared_rows(f.k_doc)
-    k_valid, window, causal = _shared_rows(f.k_valid), f.window, f.causal
-    if k_valid is not None and bool(k_valid.all()):
+def _simplify(f: TileFeatures) -> tuple[TileFeatures, bool]:
+    """Drop every feature that masks nothing in this tile (O(Mq + Mk), exact); and whether
+    the tile is causal with every key after every query (upper tiles of contiguous
+    sharding: nothing visible).
+
+    Every fact it needs is a min or max over a few per-token tensors, read with one
+    ``tolist()``: an AttnNode's decode tile is small enough that the kernel's ~0.3 ms was
+    beside ~60 us of these checks when each was its own reduction and sync."""
+    extremes = [f.q_pos, f.k_pos] + ([f.q_doc, f.k_doc] if f.q_doc is not None else [])
+    facts = [x for t in extremes for x in torch.aminmax(t)]
+    if f.k_valid is not None:
+        facts.append(f.k_valid.all())
+    facts = torch.stack(facts).tolist()
+    q_lo, q_hi, k_lo, k_hi = facts[:4]
+    q_doc, k_doc, k_valid = f.q_doc, f.k_doc, f.k_valid
+    window, ahead, causal = f.window, f.window_ahead, f.causal
+    if q_doc is not None and min(facts[4], facts[6]) == max(facts[5], facts[7]):
+        q_doc = k_doc = None  # one document
+    if k_valid is not None and facts[-1]:
         k_valid = None
-    if q_doc is not None:
-        lo = torch.minimum(q_doc.min(), k_doc.min())
-        hi = torch.maximum(q_doc.max(), k_doc.max())
-        if bool(lo == hi):
-            q_doc = k_doc = None
-    span = int(q_pos.max() - k_pos.min())  # largest q_pos - k_pos of the tile
-    if window is not None and span < window:
+    if window is not None and q_hi - k_lo < window:  # largest q_pos - k_pos of the tile
         window = None
-    ahead = f.window_ahead           # largest k_pos - q_pos of the tile below it: no effect
-    if ahead is not None and int(k_pos.max() - q_pos.min()) < ahead:
+    if ahead is not None and k_hi - q_lo < ahead:  # largest k_pos - q_pos of the tile
         ahead = None
-    if causal and int(k_pos.max()) <= int(q_pos.min()):
+    nothing_visible = causal and k_lo > q_hi
+    if causal and k_hi <= q_lo:  # every key in every query's past
         causal = False
-    return replace(f, q_pos=q_pos, k_pos=k_pos, causal=causal, window=window,
-                   window_ahead=ahead, q_doc=q_doc, k_doc=k_doc, k_valid=k_valid)
+    return replace(f, causal=causal, window=window, window_ahead=ahead,
+                   q_doc=q_doc, k_doc=k_doc, k_valid=k_valid), nothing_visible
 
 
-def _nothing_visible(f: TileFeatures) -> bool:
-    """Causal tile with every key after every query (upper tiles of contiguous sharding)."""
-    return f.causal and int(f.k_pos.min()) > int(f.q_pos.max())
+def _rows_shared(f: TileFeatures) -> TileFeatures:
+    """Per-token features whose batch rows are all equal as `[M]` (`_shared_rows`), so a
+    dense mask is built once for the batch."""
+    return replace(f, q_pos=_shared_rows(f.q_pos), k_pos=_shared_rows(f.k_pos),
+                   q_doc=_shared_rows(f.q_doc), k_doc=_shared_rows(f.k_doc),
+                   k_valid=_shared_rows(f.k_valid))
 
 
 def _triangle_offset(q_pos: Tensor, k_pos: Tensor) -> Optional[int]:
@@ -183,6 +193,7 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, T
     GQA either folds the group into the query rows, which repeats the mask G times, or
     expands k/v to every query head: whichever copies less. Decode tiles (Mq = 1 against
     the whole cache slice) fold: the mask copy is D*Hkv*2 times smaller than k/v's."""
+    f = _rows_shared(f)
     vis = f.visibility()  # [B|1, Mq, Mk]
     mask = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, NEG_INF)
     b, hq, mq, d = q.shape
@@ -231,8 +242,8 @@ def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]
     """Which case handles this tile, after dropping features that mask nothing."""
     if q.numel() == 0 or k.shape[2] == 0:
         return "empty", f  # also: the CPU kernel crashes on empty inputs
-    f = _simplify(f)
-    if _nothing_visible(f):
+    f, nothing_visible = _simplify(f)
+    if nothing_visible:
         return "empty", f
     if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES or f.softcap is not None:
         return "math", f   # the flash kernel has no soft-capping: the exact dense path
@@ -243,7 +254,7 @@ def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]
     if f.only_padding():
         return "padded", f
     if f.only_causal():
-        offset = _triangle_offset(f.q_pos, f.k_pos)
+        offset = _triangle_offset(_shared_rows(f.q_pos), _shared_rows(f.k_pos))
         if offset is not None:
             return ("causal", "causal_shifted")[-offset], f
     return "masked", f
