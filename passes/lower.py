@@ -47,7 +47,7 @@ from fxdisagg import ir
 from fxdisagg.errors import TokenLocalityError
 from fxdisagg.graph import describe_node, is_seq, mentions_seq, seq_dims, val
 from fxdisagg.ir import OPS, ROLE, STAGE, args_of, make_node, schema_args
-from fxdisagg.pipeline import PassContext
+from fxdisagg.pipeline import PassContext, gc_paused
 from fxdisagg.pieces import KEY, QUERY, LayerPieces, PieceSpec, encode_pieces
 from fxdisagg.schedule import DISPATCH, RETURN
 from fxdisagg.stages import propagate, split_stages
@@ -83,6 +83,11 @@ class RolePrograms:
 
 
 def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
+    with gc_paused():
+        return _lower(gm, ctx)
+
+
+def _lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
     partials = _partials_by_layer(gm)
     layers = tuple(_layer_pieces(ctx, l, ps) for l, ps in sorted(partials.items()))
     frontier_nodes = _frontier(gm)
