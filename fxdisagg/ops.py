@@ -119,39 +119,12 @@ def _exchange_start_fake(send, layer, phase):
     return torch.empty((), dtype=torch.int64)
 
 
-def exchange_wait_fake(handle, rows, layer, phase, pieces):
-    device = rows[0].device if rows else handle.device
-    key = ("wait", pieces, tuple(_size_key(r.shape[0]) for r in rows), device)
-    return list(_fakes_of(rows[0] if rows else handle, key, lambda: _received(rows, pieces, device)))
-
-
-def _received(rows, pieces, device):
+def _exchange_wait_fake(handle, rows, layer, phase, pieces):
     from fxdisagg.pieces import decode_pieces
+    specs = decode_pieces(pieces)
+    device = rows[0].device if rows else handle.device
     return [torch.empty(p.sized(rows[p.side].shape[0]), dtype=p.dtype, device=device)
-            for p in decode_pieces(pieces)]
-
-
-# Fake tensors with symbolic shapes cost ~0.5 ms each to make (their strides are sympy
-# products), and a role program's exchanges and caches make the same ones layer after
-# layer: a 32-layer lowering made ~500 of them. Values are metadata only, so one
-# propagation (one fake mode) hands every node with the same received or cached pieces
-# the same fake tensors (benchmarks/passes.py: passes and `lower` ~1.1 s -> ~0.95 s).
-_FAKES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _fakes_of(like: Tensor, key, make):
-    """``make()``, made once per fake mode (that of ``like``) and ``key``."""
-    mode = getattr(like, "fake_mode", None)   # a wrapped fake (functionalization) has none
-    if mode is None:
-        return make()
-    kept = _FAKES.setdefault(mode, {})
-    if key not in kept:
-        kept[key] = make()
-    return kept[key]
-
-
-def _size_key(s):
-    return s.node.expr if isinstance(s, torch.SymInt) else s
+            for p in specs]
 
 
 def kv_cache(keys: list[Tensor], q_pos: Tensor, layer: int, window: Optional[int],
@@ -170,21 +143,24 @@ def kv_cache(keys: list[Tensor], q_pos: Tensor, layer: int, window: Optional[int
                   tuple(p.token_dim for p in specs))
 
 
+_CACHED_LENGTHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _kv_cache_fake(keys, q_pos, layer, window, pieces):
     """The cached length is data (it grows per call): one size shared by all pieces, and
     by every layer with the same ``window`` in one trace, because such layers cache the
     same tokens and evict by the same rule. One size per window rather than per layer is
-    also cheaper: shapes built from one symbol hit the shape environment's caches, the
-    fakes themselves are shared (`_fakes_of`), and the 32-layer lowering skips
-    re-propagating the AttnNode stages, whose inputs now match."""
+    also cheaper: shapes built from one symbol hit the shape environment's caches (the
+    32-layer lowering also skips re-propagating the AttnNode stages, whose inputs now
+    match: its fake propagation went from ~0.7 s to ~0.55 s, benchmarks/passes.py)."""
     from fxdisagg.pieces import decode_pieces
-
-    def make():
-        rows = _fakes_of(q_pos, ("kv rows", window), torch.library.get_ctx().new_dynamic_size)
-        return [k.new_empty(p.sized(rows)) for k, p in zip(keys, decode_pieces(pieces))]
-
-    key = ("kv", pieces, window, tuple((k.dtype, k.device) for k in keys))
-    return list(_fakes_of(q_pos, key, make))
+    specs = decode_pieces(pieces)
+    mode = getattr(q_pos, "fake_mode", None)   # a wrapped fake (functionalization) has none
+    per_window = _CACHED_LENGTHS.setdefault(mode, {}) if mode is not None else {}
+    if window not in per_window:
+        per_window[window] = torch.library.get_ctx().new_dynamic_size()
+    rows = per_window[window]
+    return [k.new_empty(p.sized(rows)) for k, p in zip(keys, specs)]
 
 
 # pointwise: out[i] is the sum of the group's x[i], so it keeps tokens apart (partition)
@@ -202,7 +178,7 @@ torch.library.register_fake("fxdisagg::tp_all_reduce", lambda x: torch.empty_lik
 
 
 for _name, _real, _fake in (("exchange_start", exchange_start, _exchange_start_fake),
-                            ("exchange_wait", exchange_wait, exchange_wait_fake),
+                            ("exchange_wait", exchange_wait, _exchange_wait_fake),
                             ("kv_cache", kv_cache, _kv_cache_fake)):
     _lib.impl(_name, _real, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fxdisagg::{_name}", _fake, lib=_lib)

@@ -1,12 +1,16 @@
 """The exchange schedule: who sends which rows of which tensors to whom, as data.
 
-Every routing fact lives here and nowhere else. The lowering (`passes/lower.py`) records,
+Every routing fact lives here and nowhere else (which is why this module passes 400
+lines: the `Exchange` that transports execute and the builders that make its routes from
+a Plan must agree, and they are read together). The lowering (`passes/lower.py`) records,
 per attention layer, the pieces the layer sends (`fxdisagg.pieces.LayerPieces`: dtype and
 shape of q, k, v and their per-token features, with the token dim explicit) and writes them
 into the comm ops of the role programs; the runtime builds, per sequence length, one `Exchange` per
 (layer, phase) from the Plan, the rank layout and those pieces; every transport only
 executes an `Exchange` (`pack` on the sender, `place` on the receiver) and the traffic
-prediction is `Exchange.bytes()`.
+prediction is `Exchange.bytes()`. An Exchange keeps, per rank, what does not change from
+call to call: its packing layout and the views of the buffers it last packed into and
+placed from (`_send_views`, `_recv_views`).
 
 Phases of one layer (DESIGN.md, "lower"):
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from typing import Sequence
 
 import torch
@@ -132,33 +137,28 @@ class Exchange:
 
     # -- the sender: one packing copy -------------------------------------------------------
     @_per_rank
-    def _send_layout(self, rank: int) -> tuple:
-        """Per copy ``rank`` makes when it packs: (tensor index, byte offset, bytes, shape
-        at the destination, token dim, rows or None, head dim, part, spec). Shapes are
-        static: the token counts are the exchange's, the other dims the specs'."""
+    def _send_layout(self, rank: int) -> tuple["_Copy", ...]:
+        """Every copy ``rank`` makes when it packs. Shapes are static: the token counts
+        are the exchange's, the other dims the specs'."""
         copies, off = [], 0
         for r in self.sends(rank):
             for k, spec in enumerate(self.send_pieces):
                 n = r.n_rows[spec.side]
                 if n == 0 or not r.carries(spec):   # nothing to copy (decode: the keys of
                     continue                        # a token go to its owner only)
-                rows = r.rows[spec.side]
-                copies.append((k, off, n * spec.row_bytes(), spec.sized(n), spec.token_dim,
-                               rows, spec.head_dim, r.part, spec))
+                copies.append(_Copy(k, off, n * spec.row_bytes(), spec.sized(n), r.rows[spec.side],
+                                    r.part, spec))
                 off += piece_bytes(spec, n)
         return tuple(copies)
 
-    def _send_views(self, rank: int, buf: Tensor) -> list[Tensor]:
-        """The destination of every copy of `_send_layout`, as views of ``buf``. Kept per
-        buffer (a transport packs into the same segment call after call; a kept view holds
-        its storage, so an equal data pointer is the same memory)."""
-        key = ("send views", rank)
-        ptr = (buf.data_ptr(), buf.numel(), buf.device)
+    def _kept(self, key, buffers: Sequence[Tensor], make):
+        """``make()``, kept until ``buffers`` change: a transport packs into and receives
+        from the same bytes call after call, and a kept view holds its storage, so an
+        equal data pointer is the same memory."""
+        ptrs = tuple((b.data_ptr(), b.numel(), b.device) for b in buffers)
         kept = self._memo.get(key)
-        if kept is None or kept[0] != ptr:
-            views = [buf[off:off + nb].view(spec.dtype).view(shape)
-                     for _, off, nb, shape, _, _, _, _, spec in self._send_layout(rank)]
-            kept = self._memo[key] = (ptr, views)
+        if kept is None or kept[0] != ptrs:
+            kept = self._memo[key] = (ptrs, make())
         return kept[1]
 
     def pack(self, rank: int, tensors: Sequence[Tensor], out: Tensor | None = None
@@ -170,15 +170,17 @@ class Exchange:
         buf = out if out is not None else torch.empty(
             sum(sizes), dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
         layout = self._send_layout(rank)
-        for (k, _, _, shape, d, rows, hd, part, spec), dst in zip(layout, self._send_views(rank, buf)):
-            t = _heads_of(tensors[k], hd, part, spec)
-            if rows is None:
-                if t.shape != shape:
-                    raise ValueError(f"layer {self.layer} {self.phase}: piece {spec.name} is "
-                                     f"{tuple(t.shape)}, the schedule packs {shape}")
+        views = self._kept(("send views", rank), (buf,), lambda: [
+            buf[c.offset:c.offset + c.nbytes].view(c.spec.dtype).view(c.shape) for c in layout])
+        for c, dst in zip(layout, views):
+            t = _heads_of(tensors[c.tensor], c.spec.head_dim, c.part, c.spec)
+            if c.rows is not None:
+                torch.index_select(t, c.spec.token_dim, c.rows.to(t.device), out=dst)
+            elif t.shape == c.shape:
                 dst.copy_(t)
             else:
-                torch.index_select(t, d, rows.to(t.device), out=dst)
+                raise ValueError(f"layer {self.layer} {self.phase}: piece {c.spec.name} is "
+                                 f"{tuple(t.shape)}, the schedule packs {c.shape}")
         return buf, dsts, sizes
 
     @_per_rank
@@ -225,23 +227,16 @@ class Exchange:
     def _recv_views(self, rank: int, chunks: Sequence[Tensor]) -> tuple[list, list]:
         """Every route's pieces as views of its chunk (`_unpack`), and per received piece
         the view that is the whole tensor when one route fills it in order (with the slot
-        dim of a stacked partial), else None. Kept per set of chunks, as `_send_views`
-        keeps its views: a decode step receives into the same bytes as the step before."""
-        key = ("recv views", rank)
-        ptrs = tuple((c.data_ptr(), c.numel(), c.device) for c in chunks)
-        kept = self._memo.get(key)
-        if kept is None or kept[0] != ptrs:
+        dim of a stacked partial), else None; kept while the chunks are (`_kept`)."""
+        def make():
             routes = self.receives(rank)
             views = [self._unpack(r, c) for r, c in zip(routes, chunks)]
             whole = [None] * len(self.recv_pieces)
-            if len(routes) == 1:
-                r = routes[0]
-                for k, spec in enumerate(self.recv_pieces):
-                    if r.dst_rows[spec.side] is None:
-                        v = views[0][k]
-                        whole[k] = v.unsqueeze(0) if r.slot is not None else v
-            kept = self._memo[key] = (ptrs, views, whole)
-        return kept[1], kept[2]
+            for k, spec in enumerate(self.recv_pieces):
+                if len(routes) == 1 and routes[0].dst_rows[spec.side] is None:
+                    whole[k] = views[0][k] if routes[0].slot is None else views[0][k].unsqueeze(0)
+            return views, whole
+        return self._kept(("recv views", rank), chunks, make)
 
     def _unpack(self, route: Route, chunk: Tensor) -> list[Tensor | None]:
         pieces, off = [], 0
@@ -254,6 +249,19 @@ class Exchange:
             pieces.append(piece.view(spec.dtype).view(spec.sized(n)))
             off += piece_bytes(spec, n)
         return pieces
+
+
+class _Copy(typing.NamedTuple):
+    """One piece of one route, as its sender packs it: ``tensors[tensor]`` (its ``rows``,
+    or all of them in order when None; TP ``part``'s heads) into ``nbytes`` at ``offset``."""
+
+    tensor: int
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    rows: Tensor | None
+    part: int | None
+    spec: PieceSpec
 
 
 def _heads_of(t: Tensor, hd: int | None, part: int | None, like) -> Tensor:

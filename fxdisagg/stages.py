@@ -142,20 +142,31 @@ class _Propagator(fx.Interpreter):
         super().__init__(module)
         self.mode = mode
         self.memo = {} if memo is None else memo
-        self.handle = None
+        self.shared: dict = {}          # comm ops' values (`call_function`)
 
     def call_function(self, target, args, kwargs):
+        """Comm ops share their values (``shared``): a role program's exchanges and
+        caches receive the same pieces layer after layer, and their fakes (symbolic
+        shapes: ~0.5 ms a tensor; the handle ~0.8 ms a call, for hashing what it sends)
+        were ~500 of a 32-layer lowering's tensors (benchmarks/passes.py). Values are
+        metadata here, so nodes with equal received or cached pieces share theirs; the
+        ops' own fakes stay fresh for tracers that track tensors by identity."""
         if target is OPS.exchange_start:
-            # A handle: an int64 scalar, whatever was sent. Made here rather than through
-            # the fake mode's dispatch, which hashed every sent symbolic tensor for its
-            # cache (~0.8 ms a call, 128 calls in a 32-layer lowering).
-            if self.handle is None:
-                self.handle = super().call_function(target, args, kwargs)
-            return self.handle
-        if target is OPS.exchange_wait and not kwargs:
-            from fxdisagg.ops import exchange_wait_fake
-            return exchange_wait_fake(*args)      # the same fake, without the hashing
-        return super().call_function(target, args, kwargs)
+            key = ("handle",)
+        elif target is OPS.exchange_wait:
+            _, rows, _, _, pieces = args
+            key = ("wait", pieces, tuple(_size(r.shape[0]) for r in rows))
+        elif target is OPS.kv_cache:
+            keys, _, _, window, pieces = args
+            key = ("kv", pieces, window, tuple(_metadata(k) for k in keys))
+        else:
+            return super().call_function(target, args, kwargs)
+        if kwargs:
+            key = key + (repr(sorted(kwargs.items())),)
+        if key not in self.shared:
+            self.shared[key] = super().call_function(target, args, kwargs)
+        out = self.shared[key]
+        return list(out) if isinstance(out, list) else out
 
     def run_node(self, n):
         result = super().run_node(n)

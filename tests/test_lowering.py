@@ -40,6 +40,21 @@ def test_exchange_wait_fake_sizes_pieces_from_the_row_inputs():
     assert valid.shape == (2, 3) and valid.dtype == torch.bool
 
 
+def test_compile_steps_pause_the_garbage_collector_and_restore_it():
+    import gc
+    from fxdisagg.pipeline import gc_paused
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            with pytest.raises(ValueError):
+                with gc_paused():
+                    assert not gc.isenabled()
+                    raise ValueError("a failing pass")
+            assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+
+
 def _symbols(v) -> set:
     return {s for d in getattr(v, "shape", ()) if isinstance(d, torch.SymInt)
             for s in d.node.expr.free_symbols}

@@ -150,3 +150,26 @@ def test_one_packing_copy_and_no_receive_copy_beyond_the_tile(alpha):
         tile = ex.place(rank, chunks)
     tile_bytes = sum(t.numel() * t.element_size() for t in tile)
     assert recv_side.bytes == (0 if alpha == 1 else tile_bytes)
+
+
+def test_kept_views_follow_the_bytes_call_after_call():
+    """An exchange keeps the views it packs into and places from (a transport reuses its
+    buffers every call): new contents in the same buffer are read, and a new buffer (a
+    grown segment, a fresh receive) gets new views, never stale ones."""
+    plan, layout = Plan.build(40, 1, 2), RankLayout(1, 2)
+    ex = build_exchanges(plan, layout, _with_arity(plan))[DISPATCH]
+    comp, attn = layout.comp_rank(0), layout.attn_rank(0, 1)
+    send = torch.empty(ex.send_bytes(comp), dtype=torch.uint8)
+    for call, shift in enumerate((0, 1000, 2000)):
+        tensors = [t + shift if t.dtype != torch.bool else t for t in _comp_tensors(plan, 0)]
+        if call == 2:
+            send = torch.empty(ex.send_bytes(comp), dtype=torch.uint8)   # a grown segment
+        buf, dsts, sizes = ex.pack(comp, tensors, out=send)
+        assert buf.data_ptr() == send.data_ptr()
+        chunk = buf.split(sizes)[dsts.index(attn)]
+        q, q_pos, k, v, k_pos, valid = ex.place(attn, [chunk])
+        assert q.data_ptr() == chunk.data_ptr()                        # in place: a view
+        shard = plan.shard_tokens[0]
+        assert torch.equal(q_pos, shard + shift)
+        assert torch.equal(q[0, 0, :, 0], (shard + shift).float())
+        assert torch.equal(k[1, 1, :, 0], (plan.shard_tokens[1] + shift + 0.5).float())
