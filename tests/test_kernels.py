@@ -103,6 +103,23 @@ def test_rsharded_tiles_take_triangle_paths(beta, n):
                 assert kind == ("causal" if i >= j else "causal_shifted"), (i, j, kind)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta,n", [(2, 600), (3, 1000), (2, 2200)])
+def test_row_blocked_triangles(dtype, beta, n):
+    """R-sharded tiles of 128..1024 rows are cut into row blocks (`torch_cpu._causal`):
+    block ends that fall anywhere, the shifted triangle, more keys than queries, and a
+    larger tile that stays one call, all against the fp64 reference."""
+    sizes = set()
+    for i, j in ((1, 0), (0, 1), (beta - 1, beta - 1)):
+        q_pos, k_pos = rshard(n, beta, i), rshard(n, beta, j)
+        q, k, v = make_qkv(1, 4, 2, len(q_pos), len(k_pos), 16, dtype, seed=i + 3 * j)
+        assert tile_kind(q, k, q_pos, k_pos, causal=True) == ("causal" if i >= j else "causal_shifted")
+        check_tile(q, k, v, q_pos, k_pos, causal=True)
+        sizes.add(len(q_pos))
+    blocked = [torch_cpu.ROW_BLOCKED[0] <= m <= torch_cpu.ROW_BLOCKED[1] for m in sizes]
+    assert all(blocked) or not any(blocked)
+
+
 def test_contiguous_sharding_tiles():
     """Contiguous shards: keys all in the past (no mask) or all in the future (empty)."""
     q, k, v = make_qkv(1, 4, 2, 5, 6, 8, torch.float32)
