@@ -15,7 +15,11 @@ A mid-size Llama (hidden 512, 8 layers, 8 heads, fp32) at N tokens, batch 1:
             all-reduce bytes per layer, measured, are printed beside the ring all-reduce
             formula 2 (tp - 1) / tp x tokens x hidden x element size per rank and all-reduce.
 Workers start before timing (first call); repeats are interleaved (eager, (1,1), (2,2), ...)
-and medians compared, so load from other processes affects all alike.
+and medians compared, so load from other processes affects all alike. Beside the wall
+time it prints the CPU time of each call, every process together (this one and the
+workers, from /proc): on this machine eager's own wall time moved by +-10% between runs
+(its two OpenMP threads), which moves every wall ratio with it, while the CPU a call takes
+barely moves, so the CPU ratio says what the runtime costs in work.
 Goals (issue 7): (1,1)/eager <= 1.10, (2,2)/eager <= 1.15.
 
 Usage: python benchmarks/runtime_cpu.py [--quick] [--n N] [--repeats R] [--no-22] [--no-tp]
@@ -24,6 +28,7 @@ Usage: python benchmarks/runtime_cpu.py [--quick] [--n N] [--repeats R] [--no-22
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -34,10 +39,22 @@ from fxdisagg.capture import capture
 from fxdisagg.testing import inputs, reference, rel_error, tiny_model
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn, pids=()) -> tuple[float, float]:
+    """Wall seconds of ``fn()`` and the CPU seconds it took in this process and ``pids``."""
+    c0, t0 = cpu_seconds(pids), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds(pids) - c0
+
+
+def cpu_seconds(pids) -> float:
+    """CPU time so far of this process (all threads) and of ``pids`` (Linux /proc; clock
+    ticks, 10 ms, against calls of ~1 s)."""
+    total = time.process_time()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def main() -> None:
@@ -68,15 +85,17 @@ def main() -> None:
             with torch.no_grad():
                 times["captured"].append(timed(lambda: captured(kw["input_ids"])))
             for g, dm in dms.items():
-                times[g].append(timed(lambda dm=dm: dm(**kw)))
-        med = {k: statistics.median(v) for k, v in times.items()}
+                times[g].append(timed(lambda dm=dm: dm(**kw), dm.runtime.pids))
+        med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+        cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
         print(f"N={n}, hidden 512, 8 layers, 8 heads, fp32, {torch.get_num_threads()} threads, "
               f"{repeats} interleaved repeats (median):")
-        print(f"  eager            {med['eager'] * 1e3:9.1f} ms")
+        print(f"  eager            {med['eager'] * 1e3:9.1f} ms   CPU {cpu['eager']:.2f} s")
         print(f"  captured         {med['captured'] * 1e3:9.1f} ms   ratio {med['captured'] / med['eager']:.2f}x")
         for g in grids:
             print(f"  alpha,tp,beta={g}  {med[g] * 1e3:9.1f} ms   ratio {med[g] / med['eager']:.2f}x"
-                  f"   vs captured {med[g] / med['captured']:.2f}x")
+                  f"   vs captured {med[g] / med['captured']:.2f}x   CPU {cpu[g]:.2f} s = "
+                  f"{cpu[g] / cpu['eager']:.2f}x eager's")
         if (1, 2, 1) in dms:
             all_reduce_bytes(dms[(1, 2, 1)], n, hidden=512, tp=2)
     finally:
