@@ -10,7 +10,7 @@ into the comm ops of the role programs; the runtime builds, per sequence length,
 executes an `Exchange` (`pack` on the sender, `place` on the receiver) and the traffic
 prediction is `Exchange.bytes()`. An Exchange keeps, per rank, what does not change from
 call to call: its packing layout and the views of the buffers it last packed into and
-placed from (`_send_views`, `_recv_views`).
+placed from (`_kept`).
 
 Phases of one layer (DESIGN.md, "lower"):
 
@@ -272,12 +272,6 @@ def _heads_of(t: Tensor, hd: int | None, part: int | None, like) -> Tensor:
         return t
     h = like.shape[hd]
     return t if t.shape[hd] == h else t.narrow(hd, part * h, h)
-
-
-def _sized_like(t: Tensor, dim: int, rows: int) -> tuple[int, ...]:
-    shape = list(t.shape)
-    shape[dim] = rows
-    return tuple(shape)
 
 
 # -- building exchanges from a Plan --------------------------------------------------------------
