@@ -70,12 +70,8 @@ def gc_paused():
             gc.enable()
 
 
+@gc_paused()
 def run_passes(gm: fx.GraphModule, passes: list[Pass], ctx: PassContext) -> fx.GraphModule:
-    with gc_paused():
-        return _run_passes(gm, passes, ctx)
-
-
-def _run_passes(gm: fx.GraphModule, passes: list[Pass], ctx: PassContext) -> fx.GraphModule:
     done: list[str] = []
     for p in passes:
         name = p.__module__.rsplit(".", 1)[-1]

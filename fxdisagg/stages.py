@@ -151,18 +151,9 @@ class _Propagator(fx.Interpreter):
         were ~500 of a 32-layer lowering's tensors (benchmarks/passes.py). Values are
         metadata here, so nodes with equal received or cached pieces share theirs; the
         ops' own fakes stay fresh for tracers that track tensors by identity."""
-        if target is OPS.exchange_start:
-            key = ("handle",)
-        elif target is OPS.exchange_wait:
-            _, rows, _, _, pieces = args
-            key = ("wait", pieces, tuple(_size(r.shape[0]) for r in rows))
-        elif target is OPS.kv_cache:
-            keys, _, _, window, pieces = args
-            key = ("kv", pieces, window, tuple(_metadata(k) for k in keys))
-        else:
+        key = None if kwargs else _comm_key(target, args)
+        if key is None:
             return super().call_function(target, args, kwargs)
-        if kwargs:
-            key = key + (repr(sorted(kwargs.items())),)
         if key not in self.shared:
             self.shared[key] = super().call_function(target, args, kwargs)
         out = self.shared[key]
@@ -191,6 +182,20 @@ class _Propagator(fx.Interpreter):
             sub.graph.output_node().meta["fxdisagg.outputs"] = out
             self.memo[key] = sub
         return out
+
+
+def _comm_key(target, args):
+    """What a comm op's value depends on (the handle: nothing; a received tile: its pieces
+    and row counts; a KV cache: its pieces, window and keys), or None for other ops."""
+    if target is OPS.exchange_start:
+        return ("handle",)
+    if target is OPS.exchange_wait:
+        _, rows, _, _, pieces = args
+        return ("wait", pieces, tuple(_size(r.shape[0]) for r in rows))
+    if target is OPS.kv_cache:
+        keys, _, _, window, pieces = args
+        return ("kv", pieces, window, tuple(_metadata(k) for k in keys))
+    return None
 
 
 def _structure(gm: fx.GraphModule) -> tuple:

@@ -222,7 +222,6 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, T
     GQA either folds the group into the query rows, which repeats the mask G times, or
     expands k/v to every query head: whichever copies less. Decode tiles (Mq = 1 against
     the whole cache slice) fold: the mask copy is D*Hkv*2 times smaller than k/v's."""
-    f = _rows_shared(f)
     vis = f.visibility()  # [B|1, Mq, Mk]
     mask = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, NEG_INF)
     b, hq, mq, d = q.shape
@@ -268,25 +267,32 @@ def _math(q: Tensor, k: Tensor, v: Tensor, f: TileFeatures) -> tuple[Tensor, Ten
 
 
 def _classify(q: Tensor, k: Tensor, f: TileFeatures) -> tuple[str, TileFeatures]:
-    """Which case handles this tile, after dropping features that mask nothing."""
+    """Which case handles this tile, after dropping features that mask nothing; the dense
+    cases ("masked", "math") get batch-shared rows as `[M]`, so their mask is built once."""
     if q.numel() == 0 or k.shape[2] == 0:
         return "empty", f  # also: the CPU kernel crashes on empty inputs
     f, nothing_visible = _simplify(f)
     if nothing_visible:
         return "empty", f
+    kind = _case(q, f)
+    return kind, (_rows_shared(f) if kind in ("masked", "math") else f)
+
+
+def _case(q: Tensor, f: TileFeatures) -> str:
+    """The cheapest case that is exact for the simplified features ``f``."""
     if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES or f.softcap is not None:
-        return "math", f   # the flash kernel has no soft-capping: the exact dense path
+        return "math"   # the flash kernel has no soft-capping: the exact dense path
     if f.alibi is not None:
-        return "masked", f  # the bias rides in the additive mask
+        return "masked"  # the bias rides in the additive mask
     if f.masks_nothing():
-        return "plain", f
+        return "plain"
     if f.only_padding():
-        return "padded", f
+        return "padded"
     if f.only_causal():
         offset = _triangle_offset(_shared_rows(f.q_pos), _shared_rows(f.k_pos))
         if offset is not None:
-            return ("causal", "causal_shifted")[-offset], f
-    return "masked", f
+            return ("causal", "causal_shifted")[-offset]
+    return "masked"
 
 
 def tile_kind(q: Tensor, k: Tensor, features: TileFeatures) -> str:

@@ -82,12 +82,8 @@ class RolePrograms:
         return self.comp_by_rank[t] if self.comp_by_rank else self.comp
 
 
+@gc_paused()
 def lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
-    with gc_paused():
-        return _lower(gm, ctx)
-
-
-def _lower(gm: fx.GraphModule, ctx: PassContext) -> RolePrograms:
     partials = _partials_by_layer(gm)
     layers = tuple(_layer_pieces(ctx, l, ps) for l, ps in sorted(partials.items()))
     frontier_nodes = _frontier(gm)
