@@ -19,8 +19,6 @@ Usage: python benchmarks/attention_cpu.py [--quick] [--n N] [--repeats R] [--bet
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import statistics
 import time
 
@@ -28,26 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fxdisagg.kernels import expsum_merge, partial_attention
-
-
-def tune_glibc_malloc() -> bool:
-    """Keep freed tensor memory in the process instead of returning it to the OS.
-
-    glibc serves each multi-MB tensor with a fresh mmap and gives it back on free, so every
-    tile output pays ~1 page fault per 4 KiB on first touch (~1.6 us each here: 10-15 ms
-    per sharded run at N=4096, 0 for the single fused call, whose one buffer is reused).
-    A long-running AttnNode process reuses its buffers; this makes the benchmark do the same
-    (the usual fix is jemalloc/tcmalloc). Process-wide, benchmark only; False if not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
-    if not hasattr(libc, "mallopt"):
-        return False
-    ok = libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest allowed: 32 MiB
-    return bool(ok and libc.mallopt(m_trim_threshold, 1 << 30))
+from fxdisagg.runtime.heap import keep_freed_memory
 
 
 def make_shards(q, k, v, beta):
@@ -121,9 +100,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--betas", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc malloc as it is (see tune_glibc_malloc)")
+                        help="leave glibc malloc as it is: by default freed tensor memory stays in the "
+                             "process, as in a spawned AttnNode (fxdisagg.runtime.heap)")
     args = parser.parse_args()
-    tuned = False if args.default_malloc else tune_glibc_malloc()
+    tuned = False if args.default_malloc else keep_freed_memory()
     n = args.n or (1024 if args.quick else 4096)
     repeats = args.repeats or (5 if args.quick else 11)
     print(f"N={n} H={args.heads} D={args.dim} B=1 fp32, threads={torch.get_num_threads()}, "

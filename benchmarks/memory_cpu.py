@@ -48,6 +48,7 @@ def main() -> None:
             n, b = rng.randint(1, args.max_len), rng.choice(batches)
             dm(**inputs("llama", b, n, seed=k))
             if k + 1 >= args.warmup and (k + 1 - args.warmup) % ((args.calls - args.warmup) // 3) == 0:
+                time.sleep(0.5)  # workers give freed memory back after they answer
                 marks[k + 1] = [rss_mb(os.getpid())] + [rss_mb(p) for p in dm.runtime.pids]
         first, last = marks[args.warmup], marks[max(marks)]
         print(f"{args.calls} calls, N in [1, {args.max_len}], batch in {batches}, "

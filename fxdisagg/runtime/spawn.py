@@ -13,8 +13,9 @@ DisaggregatedModel's lifetime. The driver makes the doorbells and talks to each 
 over a pipe of its own (`Channel`: programs, inputs, frontier pieces, errors; small
 tensors inline, see `_Inline`) and polls their liveness while it waits. CompNode weights travel
 once per capture in shared memory (``share_memory_``: one copy in RAM). CPU only: CUDA
-models use torchrun. ``close()``, the context manager, garbage collection and interpreter
-exit stop the workers.
+models use torchrun. A worker keeps the memory a call frees for the next call of the same
+shape (`fxdisagg.runtime.heap`). ``close()``, the context manager, garbage collection and
+interpreter exit stop the workers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch.multiprocessing as mp
 
 from fxdisagg.errors import ConfigError, WorkerError
 from fxdisagg.runtime.driver import Driver
+from fxdisagg.runtime.heap import keep_freed_memory
 from fxdisagg.runtime.layout import COMP, RankLayout
 from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, group_doorbells, remove_segments
 from fxdisagg.runtime.worker import ProgramBlob, Worker, format_error, serve, worker_error
@@ -188,6 +190,7 @@ def _worker_main(rank, config, tag, bells, group_bells, conn, progress, parent_p
     layout = RankLayout(config.alpha, config.beta, config.tp)
     channel = Channel(conn)
     _batch_policy(layout, rank)
+    keep_freed_memory()
     threads = None
     if "OMP_NUM_THREADS" not in os.environ:      # a user's own setting wins
         torch.set_num_threads(_threads(layout, rank))

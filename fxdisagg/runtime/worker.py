@@ -29,6 +29,7 @@ import torch
 from fxdisagg import comm
 from fxdisagg.errors import WorkerError
 from fxdisagg.plan import ExtendPlan, Plan, plan_for_call
+from fxdisagg.runtime.heap import release_freed_memory
 from fxdisagg.runtime.kvcache import EXTEND, FILL, CacheAction, CacheStep, InputHistory
 from fxdisagg.runtime.layout import ATTN, RankLayout
 from fxdisagg.schedule import Schedule
@@ -160,27 +161,6 @@ class Worker:
         raise WorkerError(f"{self.layout.describe(self.rank)}: unknown command {kind!r}")
 
 
-def _release_freed_memory() -> None:
-    """Give the memory freed by a call back to the OS (glibc ``malloc_trim``): calls of
-    varying lengths leave the heap fragmented, and a long-running worker's RSS would drift
-    with it (measured: CompNodes +6-10% over 900 calls without, see benchmarks/memory_cpu.py)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None                      # not glibc: nothing to trim
-
-
-_LIBC = _libc()
-
-
 def serve(worker: Worker, inbox, outbox, alive=lambda: True) -> None:
     """The loop: answer commands from ``inbox`` on ``outbox`` until ("close",) or until
     ``alive()`` turns False (the driver is gone). A failed run ends the loop."""
@@ -200,7 +180,7 @@ def serve(worker: Worker, inbox, outbox, alive=lambda: True) -> None:
             if msg[0] == "run" and msg[1:3] != shapes:
                 # After the answer, off the call's critical path; not after a run shaped like
                 # the one before (decode steps): it reuses what that one freed.
-                _release_freed_memory()
+                release_freed_memory()
                 shapes = msg[1:3]
         except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises
             outbox.put(("error", worker.rank, worker.transport.layer, format_error(e)))
