@@ -1,16 +1,19 @@
 """The shared-memory transport: segments grown by generation, read in place by peers,
 removed by their creator (or by the driver after a killed worker); doorbells between the
-ranks of different roles only; a silent peer or a gone driver raises instead of hanging."""
+ranks of different roles only; a silent peer or a gone driver raises instead of hanging;
+compute slots held while a worker runs and given back while it waits."""
 
 import multiprocessing as mp
 import os
+import threading
 import uuid
 
 import pytest
 import torch
 
 from fxdisagg.runtime.layout import RankLayout
-from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, remove_segments, segment_path
+from fxdisagg.runtime.shm import (SharedMemoryTransport, compute_slots, doorbells, remove_segments,
+                                  segment_path)
 
 LAYOUT = RankLayout(1, 2)        # CompNode rank 0, AttnNodes ranks 1-4
 BELLS = doorbells(mp.get_context("spawn"), LAYOUT)
@@ -59,9 +62,48 @@ def test_a_silent_peer_times_out_and_a_gone_driver_is_noticed(monkeypatch):
     monkeypatch.setattr(shm, "_POLL", 0.05)
     tag = uuid.uuid4().hex[:8]
     t = _transport(1, tag, timeout=0.2)
-    with pytest.raises(TimeoutError, match="rank 0 did not start layer 2 return within 0.2 s"):
-        t._hear(0, t.bells[1][0], "layer 2 return")
+    with pytest.raises(TimeoutError, match="rank 1: waited 0.2 s for rank 0 to start layer 2 return"):
+        t._hear({0: t.bells[1][0]}, "layer 2 return")
     t = _transport(1, tag, alive=lambda: False)
     with pytest.raises(RuntimeError, match="the driver is gone"):
-        t._hear(0, t.bells[1][0], "layer 2 return")
+        t._hear({0: t.bells[1][0]}, "layer 2 return")
+    remove_segments(tag)
+
+
+def test_compute_slots_are_shared_by_a_role_with_more_workers_than_cores():
+    ctx = mp.get_context("spawn")
+    slots = compute_slots(ctx, RankLayout(2, 2), cores=2)     # 2 CompNodes, 4 AttnNodes
+    assert slots[:2] == [None, None]
+    assert all(s is slots[2] for s in slots[2:]) and slots[2] is not None
+    assert compute_slots(ctx, RankLayout(2, 2), cores=4) == [None] * 6
+    tp = compute_slots(ctx, RankLayout(2, 1, tp=2), cores=2)  # 4 tensor-parallel CompNodes
+    assert tp[0] is not None and all(s is tp[0] for s in tp[:4]) and tp[4] is None
+
+
+def _free(slots) -> int:
+    n = 0
+    while slots.acquire(block=False):
+        n += 1
+    for _ in range(n):
+        slots.release()
+    return n
+
+
+def test_a_worker_holds_its_slot_while_it_runs_and_not_while_it_waits():
+    tag = uuid.uuid4().hex[:8]
+    slots = mp.get_context("spawn").Semaphore(1)
+    comp, attn = _transport(0, tag), _transport(1, tag, slots=slots)
+    attn.begin(None)
+    assert _free(slots) == 0, "running: the slot is taken"
+    comp.bells[1][0].release()                  # the CompNode already rang: no wait
+    attn._hear({0: attn.bells[1][0]}, "layer 0 dispatch")
+    assert _free(slots) == 0, "a wait that does not block keeps the slot"
+    seen = []
+    ring = threading.Timer(0.2, lambda: (seen.append(_free(slots)), comp.bells[1][0].release()))
+    ring.start()
+    attn._hear({0: attn.bells[1][0]}, "layer 0 return")
+    assert seen == [1], "while it waited, the slot was free for another worker"
+    assert _free(slots) == 0, "heard: the slot is taken again"
+    attn.end()
+    assert _free(slots) == 1
     remove_segments(tag)

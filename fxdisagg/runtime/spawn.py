@@ -39,7 +39,8 @@ from fxdisagg.errors import ConfigError, WorkerError
 from fxdisagg.runtime.driver import Driver
 from fxdisagg.runtime.heap import keep_freed_memory
 from fxdisagg.runtime.layout import COMP, RankLayout
-from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, group_doorbells, remove_segments
+from fxdisagg.runtime.shm import (SharedMemoryTransport, compute_slots, doorbells, group_doorbells,
+                                  remove_segments)
 from fxdisagg.runtime.worker import ProgramBlob, Worker, format_error, serve, worker_error
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,12 @@ def _threads(layout: RankLayout, rank: int) -> int:
     at the same time (CompNodes together, then AttnNodes together); more would oversubscribe
     the cores while the peers compute (measured at (2, 2) on 2 cores: 1.74x -> see the
     runtime benchmark)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     peers = layout.alpha * layout.tp if layout.role(rank)[0] == COMP else layout.beta ** 2
-    return max(1, cores // peers)
+    return max(1, _cores() // peers)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class CallThreads:
@@ -82,14 +86,15 @@ class CallThreads:
             self.now = want
 
 
-def _batch_policy(layout: RankLayout, rank: int) -> None:
-    """AttnNodes run under Linux's SCHED_BATCH, which only changes wake-ups: a woken batch
-    task does not preempt the task running on its core. A CompNode rings every AttnNode
-    of an exchange in turn; under the normal policy the first AttnNodes it woke took its
-    core before it rang the rest, so the last ones started a wave late (timed in the
-    workers at (1, 2) on 2 cores: ringing 4 AttnNodes took 1.2-2.4 ms instead of ~0.4 ms,
-    benchmarks/decode_cpu.py). Nothing else changes: a batch task gets its fair share."""
-    if layout.role(rank)[0] != COMP and hasattr(os, "SCHED_BATCH"):
+def _batch_policy() -> None:
+    """Workers run under Linux's SCHED_BATCH, which only changes wake-ups: a woken batch
+    task does not preempt the task running on its core. A worker rings every peer of an
+    exchange in turn; under the normal policy the first peers it woke took its core before
+    it rang the rest, so the last ones started late: a CompNode ringing 4 AttnNodes took
+    1.2-2.4 ms instead of ~0.4 ms (timed in the workers at (1, 2) on 2 cores,
+    benchmarks/decode_cpu.py), and an AttnNode ringing 2 CompNodes at (2, 2) was held
+    ~3 ms between the two rings. Nothing else changes: a batch task gets its fair share."""
+    if hasattr(os, "SCHED_BATCH"):
         try:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         except OSError:
@@ -183,13 +188,13 @@ class _Answers:
             raise queue.Empty from None
 
 
-def _worker_main(rank, config, tag, bells, group_bells, conn, progress, parent_pid):
+def _worker_main(rank, config, tag, bells, group_bells, slots, conn, progress, parent_pid):
     """Entry point of a spawned worker; ``conn``: its end of the pipe to the driver."""
     import fxdisagg  # noqa: F401  (registers the ops the programs call)
 
     layout = RankLayout(config.alpha, config.beta, config.tp)
     channel = Channel(conn)
-    _batch_policy(layout, rank)
+    _batch_policy()
     keep_freed_memory()
     threads = None
     if "OMP_NUM_THREADS" not in os.environ:      # a user's own setting wins
@@ -201,7 +206,7 @@ def _worker_main(rank, config, tag, bells, group_bells, conn, progress, parent_p
 
         transport = SharedMemoryTransport(rank, layout.world, tag=tag, bells=bells,
                                           timeout=config.timeout, alive=alive, progress=progress,
-                                          group_bells=group_bells)
+                                          group_bells=group_bells, slots=slots)
         worker = Worker(rank, layout, transport, strategy=config.sharding, cache_size=config.cache_size,
                         threads=threads)
         channel.put(("ready", rank))
@@ -265,9 +270,10 @@ class SpawnRuntime(Driver):
         self.answers = _Answers(self.channels)
         self.tag = _tag()
         bells, group_bells = doorbells(ctx, self.layout), group_doorbells(ctx, self.layout)
+        slots = compute_slots(ctx, self.layout, _cores())
         self.procs = [ctx.Process(target=_worker_main, name=f"fxdisagg-{self.layout.describe(r)}",
-                                  args=(r, config, self.tag, bells, group_bells, theirs,
-                                        self.progress, os.getpid()), daemon=True)
+                                  args=(r, config, self.tag, bells, group_bells, slots[r],
+                                        theirs, self.progress, os.getpid()), daemon=True)
                       for r, (_, theirs) in enumerate(pipes)]
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.channels, 5.0, self.tag)
         with _workers_start_from_fxdisagg():

@@ -52,6 +52,9 @@ class Transport(abc.ABC):
         self.schedule, self.layer, self.sent = schedule, None, {}
         self._pending.clear()
 
+    def end(self) -> None:
+        """The call is over, returned or raised (`Worker.run`)."""
+
     def start(self, layer: int, phase: str, tensors: list) -> int:
         ex = self.schedule.exchanges[(layer, phase)]
         self.layer = layer

@@ -88,8 +88,14 @@ class Worker:
         plan = self.plan(n, step)
         schedule = self.schedule(key, plan)
         self.transport.begin(schedule)
-        if self.role == ATTN:
-            return self._run_attn(program, plan, step)
+        try:
+            if self.role == ATTN:
+                return self._run_attn(program, plan, step)
+            return self._run_comp(program, plan, flat, step)
+        finally:
+            self.transport.end()
+
+    def _run_comp(self, program, plan, flat, step: CacheStep | None) -> tuple | None:
         tokens = plan.comp_tokens[self.index]
         if step is not None:
             flat = self._history(step, flat)
