@@ -39,8 +39,15 @@ from fxdisagg.capture import capture
 from fxdisagg.testing import inputs, reference, rel_error, tiny_model
 
 
+SETTLE = 0.05      # seconds before each timed call
+
+
 def timed(fn, pids=()) -> tuple[float, float]:
-    """Wall seconds of ``fn()`` and the CPU seconds it took in this process and ``pids``."""
+    """Wall seconds of ``fn()`` and the CPU seconds it took in this process and ``pids``,
+    after a pause of `SETTLE`: a call run in this process (eager, captured) leaves its
+    OpenMP threads spinning in libgomp's active wait for a while, on the cores the next
+    call's workers need (see benchmarks/decode_cpu.py); every column starts alike."""
+    time.sleep(SETTLE)
     c0, t0 = cpu_seconds(pids), time.perf_counter()
     fn()
     return time.perf_counter() - t0, cpu_seconds(pids) - c0
