@@ -154,6 +154,10 @@ class SharedMemoryTransport(Transport):
         self._take_slot()
 
     def end(self) -> None:
+        super().end()
+        self._give_slot()
+
+    def _give_slot(self) -> None:
         if self._holding:
             self.slots.release()
             self._holding = False
@@ -222,7 +226,7 @@ class SharedMemoryTransport(Transport):
         quiet = [src for src, bell in bells.items() if not bell.acquire(block=False)]
         if not quiet:
             return
-        self.end()
+        self._give_slot()
         for src in quiet:
             self._wait(bells[src], f"rank {src} to start {what}")
         self._take_slot()

@@ -7,8 +7,9 @@ torchrun starts its ranks from a module of its own. Scripts without an
 ``if __name__ == "__main__":`` guard and notebooks therefore work.
 
 Each worker runs the shared `Worker` loop with a `SharedMemoryTransport` (payloads and
-headers through shared memory, a semaphore per CompNode/AttnNode pair as doorbell; see
-`fxdisagg.runtime.shm`; no process group, no sockets) and persists for the
+headers through shared memory, a semaphore per CompNode/AttnNode pair as doorbell, and
+compute slots where a role has more workers than cores; see `fxdisagg.runtime.shm`; no
+process group, no sockets) and persists for the
 DisaggregatedModel's lifetime. The driver makes the doorbells and talks to each worker
 over a pipe of its own (`Channel`: programs, inputs, frontier pieces, errors; small
 tensors inline, see `_Inline`) and polls their liveness while it waits. CompNode weights travel
