@@ -81,6 +81,7 @@ def test_compute_slots_are_shared_by_a_role_with_more_workers_than_cores():
 
 
 def _free(slots) -> int:
+    """How many slots are free now (each taken, then all put back)."""
     n = 0
     while slots.acquire(block=False):
         n += 1
