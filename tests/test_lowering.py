@@ -180,3 +180,20 @@ def test_capture_takes_the_length_limit_the_model_code_guards():
     assert rel_error(dm(**kw)[0], reference(model, kw), kw) <= 1e-4
     with pytest.raises(fxdisagg.InputError, match="the model's code allows at most 512 tokens"):
         dm(**inputs("bert", 2, 513))
+
+
+def test_the_pipelines_graph_runs_and_its_code_follows_the_rewrites():
+    """run_passes leaves code generation to the first run or read of the result; both see
+    the rewritten graph, and running it matches the unmodified model."""
+    from fxdisagg.api import PASSES
+    from fxdisagg.capture import capture
+    from fxdisagg.pipeline import PassContext, run_passes
+
+    model = tiny_model("llama")
+    kw = inputs("llama", 1, 12)
+    cap = capture(model, kw, max_len=64)
+    gm = run_passes(cap.gm, PASSES, PassContext(seq=cap.seq, config=Config(alpha=2, beta=2)))
+    with torch.no_grad():
+        out = gm(kw["input_ids"])[0]
+    assert rel_error(out, reference(model, kw), kw) < 1e-5
+    assert "partial_attention" in gm.code and "scaled_dot_product" not in gm.code
