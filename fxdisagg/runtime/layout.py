@@ -23,6 +23,10 @@ class RankLayout:
     def world(self) -> int:
         return self.alpha * self.tp + self.beta ** 2
 
+    def workers(self, role: str) -> int:
+        """How many ranks play ``role``: alpha * tp CompNode ranks, beta**2 AttnNodes."""
+        return self.alpha * self.tp if role == COMP else self.beta ** 2
+
     def comp_rank(self, c: int, t: int = 0) -> int:
         return c * self.tp + t
 

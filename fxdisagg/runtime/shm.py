@@ -107,9 +107,8 @@ def group_doorbells(ctx, layout) -> list[list]:
 def compute_slots(ctx, layout, cores: int) -> list:
     """Per rank, the semaphore of compute slots its role shares, or None where the role
     has no more workers than ``cores`` (see the module docstring)."""
-    def pool(workers: int):
-        return ctx.Semaphore(cores) if workers > cores else None
-    pools = {COMP: pool(layout.alpha * layout.tp), ATTN: pool(layout.beta ** 2)}
+    pools = {role: ctx.Semaphore(cores) if layout.workers(role) > cores else None
+             for role in (COMP, ATTN)}
     return [pools[layout.role(r)[0]] for r in range(layout.world)]
 
 

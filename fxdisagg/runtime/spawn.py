@@ -57,8 +57,7 @@ def _threads(layout: RankLayout, rank: int) -> int:
     at the same time (CompNodes together, then AttnNodes together); more would oversubscribe
     the cores while the peers compute (measured at (2, 2) on 2 cores: 1.74x -> see the
     runtime benchmark)."""
-    peers = layout.alpha * layout.tp if layout.role(rank)[0] == COMP else layout.beta ** 2
-    return max(1, _cores() // peers)
+    return max(1, _cores() // layout.workers(layout.role(rank)[0]))
 
 
 def _cores() -> int:
