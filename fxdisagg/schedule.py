@@ -10,7 +10,7 @@ into the comm ops of the role programs; the runtime builds, per sequence length,
 executes an `Exchange` (`pack` on the sender, `place` on the receiver) and the traffic
 prediction is `Exchange.bytes()`. An Exchange keeps, per rank, what does not change from
 call to call: its packing layout and the views of the buffers it last packed into and
-placed from (`_kept`).
+placed from (`kept`).
 
 Phases of one layer (DESIGN.md, "lower"):
 
@@ -92,10 +92,11 @@ def piece_bytes(spec: PieceSpec, rows: int) -> int:
     return -(-rows * spec.row_bytes() // ALIGN) * ALIGN
 
 
-def _per_rank(method):
-    """Memoise ``method(self, rank)`` on the instance: a rank's view of an exchange's routes
-    is asked for on every exchange of every call (a decode step is little else) and never
-    changes; the memo goes with the Exchange when the schedule caches drop it."""
+def per_rank(method):
+    """Memoise ``method(exchange, rank)`` (a method of `Exchange` or a function of one,
+    `fxdisagg.landing`) on the exchange: a rank's view of an exchange's routes is asked for
+    on every exchange of every call (a decode step is little else) and never changes; the
+    memo goes with the Exchange when the schedule caches drop it."""
     @functools.wraps(method)
     def memoised(self, rank: int):
         key = (method.__name__, rank)
@@ -116,27 +117,27 @@ class Exchange:
     routes: tuple[Route, ...]
     recv_rows: dict                      # rank -> rows per side of its received tensors
     merge_arity: int
-    _memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # `_per_rank`
+    _memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # `per_rank`
 
     def bytes(self) -> int:
         """Bytes this exchange moves, all ranks together."""
         return sum(r.nbytes(self.send_pieces) for r in self.routes)
 
-    @_per_rank
+    @per_rank
     def sends(self, rank: int) -> tuple[Route, ...]:
         return tuple(sorted((r for r in self.routes if r.src == rank), key=lambda r: r.dst))
 
-    @_per_rank
+    @per_rank
     def receives(self, rank: int) -> tuple[Route, ...]:
         return tuple(sorted((r for r in self.routes if r.dst == rank), key=lambda r: r.src))
 
-    @_per_rank
+    @per_rank
     def send_bytes(self, rank: int) -> int:
         """Bytes ``rank`` packs in this exchange."""
         return sum(r.nbytes(self.send_pieces) for r in self.sends(rank))
 
     # -- the sender: one packing copy -------------------------------------------------------
-    @_per_rank
+    @per_rank
     def _send_layout(self, rank: int) -> tuple["_Copy", ...]:
         """Every copy ``rank`` makes when it packs. Shapes are static: the token counts
         are the exchange's, the other dims the specs'."""
@@ -151,29 +152,29 @@ class Exchange:
                 off += piece_bytes(spec, n)
         return tuple(copies)
 
-    def _kept(self, key, buffers: Sequence[Tensor], make):
+    def kept(self, key, buffers: Sequence[Tensor], make):
         """``make()``, kept until ``buffers`` change: a transport packs into and receives
         from the same bytes call after call, and a kept view holds its storage, so an
         equal data pointer is the same memory."""
         ptrs = tuple((b.data_ptr(), b.numel(), b.device) for b in buffers)
-        kept = self._memo.get(key)
-        if kept is None or kept[0] != ptrs:
-            kept = self._memo[key] = (ptrs, make())
-        return kept[1]
+        held = self._memo.get(key)
+        if held is None or held[0] != ptrs:
+            held = self._memo[key] = (ptrs, make())
+        return held[1]
 
     def pack(self, rank: int, tensors: Sequence[Tensor], out: Tensor | None = None
              ) -> tuple[Tensor, list[int], list[int]]:
         """Every route from ``rank`` as one flat uint8 buffer (routes in rank order, pieces
         in spec order), the destination ranks and the byte count of each. Each byte is copied once,
         straight into the buffer (``index_select(out=)`` or ``copy_``)."""
-        dsts, sizes = self._send_sizes(rank)
+        dsts, sizes = self.send_sizes(rank)
         buf = out if out is not None else torch.empty(
             sum(sizes), dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
         layout = self._send_layout(rank)
-        views = self._kept(("send views", rank), (buf,), lambda: [
+        views = self.kept(("send views", rank), (buf,), lambda: [
             buf[c.offset:c.offset + c.nbytes].view(c.spec.dtype).view(c.shape) for c in layout])
         for c, dst in zip(layout, views):
-            t = _heads_of(tensors[c.tensor], c.spec.head_dim, c.part, c.spec)
+            t = heads_of(tensors[c.tensor], c.spec.head_dim, c.part, c.spec)
             if c.rows is not None:
                 torch.index_select(t, c.spec.token_dim, c.rows.to(t.device), out=dst)
             elif t.shape == c.shape:
@@ -183,12 +184,13 @@ class Exchange:
                                  f"{tuple(t.shape)}, the schedule packs {c.shape}")
         return buf, dsts, sizes
 
-    @_per_rank
-    def _send_sizes(self, rank: int) -> tuple[list[int], list[int]]:
+    @per_rank
+    def send_sizes(self, rank: int) -> tuple[list[int], list[int]]:
+        """The destination ranks of ``rank``'s routes and the bytes of each, in rank order."""
         routes = self.sends(rank)
         return [r.dst for r in routes], [r.nbytes(self.send_pieces) for r in routes]
 
-    @_per_rank
+    @per_rank
     def recv_sizes(self, rank: int) -> tuple[tuple[int, int], ...]:
         """(source rank, bytes) of every route into ``rank``, in source order."""
         return tuple((r.src, r.nbytes(self.send_pieces)) for r in self.receives(rank))
@@ -215,7 +217,7 @@ class Exchange:
                 target = full[r.slot] if r.slot is not None else full
                 dd = d - 1 if r.slot is not None else d
                 hd = None if spec.head_dim is None else spec.head_dim - (r.slot is not None)
-                target = _heads_of(target, hd, r.part, v[k])
+                target = heads_of(target, hd, r.part, v[k])
                 where = r.dst_rows[spec.side]
                 if where is None:
                     target.copy_(v[k])
@@ -227,7 +229,7 @@ class Exchange:
     def _recv_views(self, rank: int, chunks: Sequence[Tensor]) -> tuple[list, list]:
         """Every route's pieces as views of its chunk (`_unpack`), and per received piece
         the view that is the whole tensor when one route fills it in order (with the slot
-        dim of a stacked partial), else None; kept while the chunks are (`_kept`)."""
+        dim of a stacked partial), else None; kept while the chunks are (`kept`)."""
         def make():
             routes = self.receives(rank)
             views = [self._unpack(r, c) for r, c in zip(routes, chunks)]
@@ -236,7 +238,7 @@ class Exchange:
                 if len(routes) == 1 and routes[0].dst_rows[spec.side] is None:
                     whole[k] = views[0][k] if routes[0].slot is None else views[0][k].unsqueeze(0)
             return views, whole
-        return self._kept(("recv views", rank), chunks, make)
+        return self.kept(("recv views", rank), chunks, make)
 
     def _unpack(self, route: Route, chunk: Tensor) -> list[Tensor | None]:
         pieces, off = [], 0
@@ -264,7 +266,7 @@ class _Copy(typing.NamedTuple):
     spec: PieceSpec
 
 
-def _heads_of(t: Tensor, hd: int | None, part: int | None, like) -> Tensor:
+def heads_of(t: Tensor, hd: int | None, part: int | None, like) -> Tensor:
     """TP rank ``part``'s heads of ``t`` along dim ``hd`` when ``t`` holds more heads than
     ``like`` (a piece's spec or tensor), else ``t``: a sender with all heads (an AttnNode's
     reply) sends each rank its slice; a receiver with all heads places each rank's slice."""

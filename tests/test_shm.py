@@ -108,3 +108,58 @@ def test_a_worker_holds_its_slot_while_it_runs_and_not_while_it_waits():
     attn.end()
     assert _free(slots) == 1
     remove_segments(tag)
+
+
+def _schedule(n: int):
+    from fxdisagg.pieces import KEY, QUERY, LayerPieces, PieceSpec
+    from fxdisagg.plan import Plan
+    from fxdisagg.schedule import Schedule
+    q = PieceSpec("q", torch.float32, (1, 2, None, 64), QUERY, 0)
+    k = PieceSpec("k", torch.float32, (1, 2, None, 64), KEY, 0)
+    out = PieceSpec("out", torch.float32, (1, 2, None, 64), QUERY, 0)
+    return Schedule.build(Plan.build(n, 1, 2), LAYOUT, [LayerPieces(0, (q,), (k,), (out,), 2)])
+
+
+def test_a_landing_is_one_file_its_receiver_and_senders_share_by_size_class():
+    """The sender and the receiver map the same file (whichever is first creates it); a
+    longer call moves both to a larger class and the receiver removes the old file."""
+    tag = uuid.uuid4().hex[:8]
+    sender, receiver = _transport(0, tag), _transport(1, tag)
+    for t in (sender, receiver):
+        t.begin(_schedule(1000))
+    written = sender._landing(1, "dispatch")
+    written[:3] = torch.tensor([7, 8, 9], dtype=torch.uint8)
+    assert receiver._landing(1, "dispatch")[:3].tolist() == [7, 8, 9]
+    small = receiver._landing_path(1, "dispatch", written.numel())
+    assert os.path.exists(small) and written.numel() == 1 << 20
+    for t in (sender, receiver):
+        t.begin(_schedule(4000))     # 2000 rows of a shard x 2 heads x 64 x 4 bytes x (q, k)
+    bigger = receiver._landing(1, "dispatch")
+    assert bigger.numel() == 1 << 21 and not os.path.exists(small)
+    assert sender._landing(1, "dispatch").numel() == 1 << 21
+    assert sender._landing(0, "dispatch").numel() == 0, "a CompNode receives no dispatch"
+    receiver.close()
+    sender.close()
+    assert not os.path.exists(receiver._landing_path(1, "dispatch", 1 << 21))
+    remove_segments(tag)
+
+
+def test_a_sender_that_sat_out_a_call_does_not_write_into_a_removed_landing():
+    """Call A maps the receiver's landing in the sender; call B, of another size class,
+    writes nothing from this sender, but the receiver moves and removes the old file; call
+    C is A's size again: the sender must write into the receiver's new file, not the old
+    mapping."""
+    tag = uuid.uuid4().hex[:8]
+    sender, receiver = _transport(0, tag), _transport(1, tag)
+    big, small = _schedule(6000), _schedule(100)
+    for schedule, sender_writes in ((big, True), (small, False), (big, True)):
+        for t in (sender, receiver):
+            t.begin(schedule)
+        mine = receiver._landing(1, "dispatch")
+        if sender_writes:
+            sender._landing(1, "dispatch")[:2] = torch.tensor([5, 6], dtype=torch.uint8)
+            assert mine[:2].tolist() == [5, 6]
+            mine[:2] = 0
+    sender.close()
+    receiver.close()
+    remove_segments(tag)

@@ -1,35 +1,37 @@
 """SharedMemoryTransport: ranks on one host exchange payloads through shared memory.
 
-As NCCL does within a node, the bytes do not cross a socket: each rank packs what it sends
-(`Exchange.pack`, the one copy) straight into its own shared segment for the phase, and the
-receivers map that segment and read their rows in place (`Exchange.place` makes views, or
-its one placing copy). Nothing travels through a process group; a rank announces an
-exchange to each peer with
+As NCCL does within a node, the bytes do not cross a socket, and here they are not staged
+either: each receiver owns a *landing* segment per phase, laid out as the tensors it
+receives, and every sender writes each row it sends once, straight to its final place there
+(`fxdisagg.landing.deliver`). The receiver's tile (an AttnNode) or stacked partials (a
+CompNode) are views of its landing: nothing is placed on arrival. Nothing travels through
+a process group; a rank announces an exchange to each peer with
 
 - a *header* in its own shared board: for exchange ``s`` of this transport's life, slot
-  ``s % SLOTS`` holds, per receiver, ``(s, segment generation, offset, bytes)``;
+  ``s % SLOTS`` holds, per receiver, ``(s, 0, 0, bytes)`` (the all-reduce's: ``(s,
+  segment generation, offset, bytes)``);
 - a *doorbell*: a POSIX semaphore per (receiver, sender) pair of peers, posted once per
   exchange after the payload and the header are written.
 
-A receiver acquires the doorbell of every peer once per exchange and then reads that peer's
-header and bytes. Posting and acquiring a semaphore are full memory barriers, so the reads
+A receiver acquires the doorbell of every peer once per exchange, checks that peer's header
+against the schedule and reads its landing. Posting and acquiring a semaphore are full memory barriers, so the reads
 see the writes. This replaced a gloo ``all_to_all`` of the headers: on the 2-core CI machine
 a decode step at (1, 2) spent more CPU in gloo's socket threads than in the model
 (``benchmarks/decode_cpu.py``, see the README for the figures).
 
 Peers are the ranks of the other role (`RankLayout.peers`): every route runs between a
 CompNode and an AttnNode. A rank rings every peer in every exchange, empty routes included,
-so a rank's exchange completes only after every peer started it, and the segments rely on
-that. A received view is dead before the next exchange of the same phase (the tile once
-the reply is packed; the partials once the merge or, at beta == 1, the O-projection of the
-next stage read them); no program returns or keeps one across calls. A rank packs into its
-segment of a phase again only after every peer started a later exchange, i.e. after every
-reader of the bytes (always a peer) is done with them; a reader that gets no reply from
-this rank (an AttnNode given only keys) is covered by its empty ring. The same ordering
-bounds how far a sender runs ahead of a reader's header slot to two exchanges (``SLOTS``
-is 4; the sequence number in the header checks it). Ranks of one role never ring each
-other: at (1, 2) a CompNode rings 4 AttnNodes and each AttnNode 1 CompNode per exchange,
-not 20 rings among 5 ranks.
+so a rank's exchange completes only after every peer started it, and the landings rely on
+that. A received view is dead once its receiver starts its next exchange (the tile once
+the reply is delivered; the partials once the merge or, at beta == 1, the O-projection of
+the stage before the next dispatch read them); no program returns or keeps one across
+calls. A rank starts its next exchange of a phase only after it completed the exchange
+between, which needs every peer's ring of it: so it writes into a peer's landing again only
+after that peer is done with what the landing held. The same ordering bounds how far a
+sender runs ahead of a reader's header slot to two exchanges (``SLOTS`` is 4; the sequence
+number in the header checks it). Ranks of one role never ring each other: at (1, 2) a
+CompNode rings 4 AttnNodes and each AttnNode 1 CompNode per exchange, not 20 rings among 5
+ranks.
 
 *Compute slots*: when a role has more workers than the host has cores (4 AttnNodes on 2
 cores at beta = 2), its workers share a semaphore of one slot per core (`compute_slots`).
@@ -48,11 +50,15 @@ own between the ranks of the group: its own header board, doorbells (`group_door
 and two segments used by turns (`_gather` says why two suffice).
 
 Segments are files in /dev/shm (``torch.from_file(..., shared=True)``), named by a tag
-unique to the runtime, rank, phase and generation; a segment grows by doubling when a
-longer sequence needs more (a new generation, announced in the header). The creator removes
-its files when it stops; the driver removes any left by a worker that was killed. A
-receiver that hears nothing from a peer for ``timeout`` seconds, or whose driver is gone
-(``alive()`` turns False), raises instead of waiting forever.
+unique to the runtime, and by rank, phase and generation. A landing's generation is its
+size class: the power of two that fits every exchange of the phase in the call, which the
+receiver and its senders compute alike from the same schedule, so whichever of them needs
+it first creates the file and the others map it; a receiver that moves to another class
+removes the file of the old one (its senders moved with it). An all-reduce segment grows by
+doubling (a new generation, announced in the header). A rank removes its files when it
+stops; the driver removes any left by a worker that was killed. A receiver that hears
+nothing from a peer for ``timeout`` seconds, or whose driver is gone (``alive()`` turns
+False), raises instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -61,9 +67,11 @@ import glob
 import os
 import tempfile
 import time
+import weakref
 
 import torch
 
+from fxdisagg.landing import deliver, landed, landing_bytes
 from fxdisagg.runtime.layout import ATTN, COMP
 from fxdisagg.runtime.transport import Transport
 from fxdisagg.schedule import Exchange
@@ -113,10 +121,26 @@ def compute_slots(ctx, layout, cores: int) -> list:
 
 
 def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
+    """``path`` mapped shared, at least ``nbytes`` long (``create``: made or grown first;
+    peers may race to it, and every one of them grows it to the same size)."""
     if create:
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < nbytes:
+                os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # the driver's clean-up was first
+
+
+_NOTHING = torch.empty(0, dtype=torch.uint8)
 
 
 class SharedMemoryTransport(Transport):
@@ -132,6 +156,9 @@ class SharedMemoryTransport(Transport):
         self.tag, self.bells, self.timeout, self.alive = tag, bells, timeout, alive
         self.device = torch.device("cpu")
         self._mine: dict[str, tuple[int, torch.Tensor]] = {}      # phase -> (generation, bytes)
+        self._landings: dict[tuple, tuple[int, torch.Tensor]] = {}  # (rank, phase) -> (size, bytes)
+        self._sized_for, self._needs = None, {}                     # (rank, phase) -> size
+        self._needs_of = weakref.WeakKeyDictionary()                # schedule -> its _needs
         self._theirs: dict[tuple, torch.Tensor] = {}              # (src, phase, gen) -> bytes
         self._board = self._board_of(rank, create=True)           # [SLOTS, world, 4] int64
         self._boards: dict = {}                                    # peer -> its board
@@ -150,6 +177,13 @@ class SharedMemoryTransport(Transport):
 
     def begin(self, schedule) -> None:
         super().begin(schedule)
+        if schedule is not self._sized_for:       # landing sizes are the call's (`_landing`)
+            self._sized_for, self._needs = schedule, self._needs_of.setdefault(schedule, {})
+            for key in [k for k in self._landings if k[0] != self.rank]:
+                if self._landings[key][0] != self._size(*key):
+                    # Its receiver moves to that size too, and removes the file it leaves:
+                    # a mapping kept through calls that did not write to it would outlive it.
+                    del self._landings[key]
         self._take_slot()
 
     def end(self) -> None:
@@ -167,6 +201,7 @@ class SharedMemoryTransport(Transport):
             self._holding = True
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
+        """This rank's own segment of ``phase`` (the all-reduce's), grown by generation."""
         gen, seg = self._mine.get(phase, (-1, None))
         if seg is None or seg.numel() < nbytes:
             size = max(_MIN_BYTES, nbytes, 2 * (seg.numel() if seg is not None else 0))
@@ -177,47 +212,64 @@ class SharedMemoryTransport(Transport):
             self._mine[phase] = (gen, seg)
         return gen, seg
 
-    def _send_buffer(self, ex: Exchange) -> torch.Tensor:
-        total = ex.send_bytes(self.rank)
-        if total == 0:                 # nothing to send in this phase: no segment at all
-            return torch.empty(0, dtype=torch.uint8)
-        return self._segment(ex.phase, total)[1][:total]
-
-    def _post(self, ex: Exchange, buf, dsts, sizes):
-        """Write this exchange's headers, then ring every peer."""
+    # -- exchanges: each row written once, straight into its receiver's landing -------------
+    def _send(self, ex: Exchange, tensors: list) -> int:
+        deliver(ex, self.rank, tensors, {r.dst: self._landing(r.dst, ex.phase) for r in ex.sends(self.rank)})
         self._seq += 1
-        gen = self._mine.get(ex.phase, (0, None))[0]
         header = self._board[self._seq % SLOTS]       # numpy view of the shared slot
         header[:, 1:] = 0
-        off = 0
-        for d, s in zip(dsts, sizes):
-            header[d, 1:] = gen, off, s
-            off += s
+        for dst, nbytes in zip(*ex.send_sizes(self.rank)):
+            header[dst, 3] = nbytes
         header[:, 0] = self._seq
         for d in self.peers:
             self.bells[d][self.rank].release()
         return self._seq
 
-    def _collect(self, ex: Exchange, seq: int) -> list:
-        """Hear every peer's doorbell for exchange ``seq``, then map the routes into this rank."""
+    def _receive(self, ex: Exchange, seq: int, device) -> list:
+        """Hear every peer's doorbell for exchange ``seq``; what arrived is in the landing."""
         self._hear({src: self.bells[self.rank][src] for src in self.peers},
                    f"layer {ex.layer} {ex.phase}")
-        chunks = []
         for src, nbytes in ex.recv_sizes(self.rank):
             if src not in self.peers:
                 raise RuntimeError(f"rank {self.rank}: the schedule routes layer {ex.layer} "
                                    f"{ex.phase} from rank {src}, which is not a peer")
-            got, gen, off, size = self._board_from(src)[seq % SLOTS, self.rank].tolist()
+            got, _, _, size = self._board_from(src)[seq % SLOTS, self.rank].tolist()
             if got != seq or size != nbytes:
                 raise RuntimeError(
                     f"rank {self.rank}: rank {src}'s header for layer {ex.layer} {ex.phase} reads "
                     f"exchange {got} with {size} bytes; expected exchange {seq} with {nbytes} "
                     f"(the schedule): the ranks ran different exchanges")
-            if size == 0:                # an empty route: its sender may have no segment
-                chunks.append(torch.empty(0, dtype=torch.uint8))
-                continue
-            chunks.append(self._their_segment(src, ex.phase, gen, off + size)[off:off + size])
-        return chunks
+        return landed(ex, self.rank, self._landing(self.rank, ex.phase))
+
+    def _landing(self, rank: int, phase: str) -> torch.Tensor:
+        """``rank``'s landing of ``phase``, mapped: one file per size class (a power of two
+        that fits every exchange of the phase in this call, so the rank and its senders,
+        which run the same schedule, pick the same file; whichever comes first creates it).
+        A rank removes its own file of the class it leaves."""
+        key = (rank, phase)
+        size = self._size(rank, phase)
+        if size == 0:
+            return _NOTHING
+        held = self._landings.get(key)
+        if held is not None and held[0] == size:
+            return held[1]
+        landing = _map(self._landing_path(rank, phase, size), size, create=True)
+        if held is not None and rank == self.rank:
+            _unlink(self._landing_path(rank, phase, held[0]))   # its senders moved on with it
+        self._landings[key] = (size, landing)
+        return landing
+
+    def _size(self, rank: int, phase: str) -> int:
+        """Bytes of ``rank``'s landing of ``phase`` in this call's schedule (0: none)."""
+        size = self._needs.get((rank, phase))
+        if size is None:
+            need = max((landing_bytes(e, rank) for e in self.schedule.exchanges.values()
+                        if e.phase == phase), default=0)
+            size = self._needs[(rank, phase)] = need and max(_MIN_BYTES, 1 << (need - 1).bit_length())
+        return size
+
+    def _landing_path(self, rank: int, phase: str, size: int) -> str:
+        return segment_path(self.tag, rank, f"landing-{phase}", size.bit_length() - 1)
 
     def _hear(self, bells: dict, what: str) -> None:
         """Acquire the doorbell of every peer in ``bells`` (src -> bell); the compute slot
@@ -283,10 +335,12 @@ class SharedMemoryTransport(Transport):
 
     def close(self) -> None:
         for phase, (gen, _) in [*self._mine.items(), ("board", (0, None)), ("groupboard", (0, None))]:
-            try:
-                os.unlink(segment_path(self.tag, self.rank, phase, gen))
-            except FileNotFoundError:
-                pass  # the driver's clean-up was first
+            _unlink(segment_path(self.tag, self.rank, phase, gen))
+        for (rank, phase), (size, _) in self._landings.items():
+            if rank == self.rank:
+                _unlink(self._landing_path(rank, phase, size))
         self._mine.clear()
+        self._landings.clear()
         self._theirs.clear()
         self._boards.clear()
+

@@ -1,15 +1,19 @@
 """Transports: execute the exchange schedule, nothing more.
 
 A role program's ``fxdisagg::exchange_start`` / ``exchange_wait`` call the transport bound to
-the worker (`fxdisagg.comm`). Every transport gets the call's `Schedule` in `begin`, packs
-what this rank sends with `Exchange.pack` (one copy straight into the send buffer), moves the
-bytes, and lays out what it received with `Exchange.place` (views of the received bytes where
-one route fills a tensor in order). Routing is never decided here.
+the worker (`fxdisagg.comm`). Every transport gets the call's `Schedule` in `begin` and
+executes its exchanges; routing is never decided here. Two ways to move the rows:
 
-- `CollectiveTransport`: one ``all_to_all_single`` per (layer, phase) over a
-  torch.distributed group (gloo on CPU, NCCL on CUDA), issued asynchronously by
-  ``start`` and waited on by ``wait`` (split phase: work can go between them).
-- `QueueTransport`: in-process mailboxes, for the threads of ``launch="inprocess"``.
+- a `PackingTransport` packs what this rank sends with `Exchange.pack` (one copy straight
+  into the send buffer), moves the bytes, and lays out what it received with
+  `Exchange.place` (views of the received bytes where one route fills a tensor in order,
+  else one placing copy):
+  - `CollectiveTransport`: one ``all_to_all_single`` per (layer, phase) over a
+    torch.distributed group (gloo on CPU, NCCL on CUDA), issued asynchronously by
+    ``start`` and waited on by ``wait`` (split phase: work can go between them);
+  - `QueueTransport`: in-process mailboxes, for the threads of ``launch="inprocess"``;
+- `fxdisagg.runtime.shm.SharedMemoryTransport` writes each row once, straight into the
+  receiver's tensors (`fxdisagg.landing`), and receives views: nothing to place.
 
 Both count the bytes this rank sent per (layer, phase) (``sent``) and publish the layer
 they are in (``layer``, and ``progress[rank]`` when given) for error reports and the
@@ -35,8 +39,8 @@ from fxdisagg.schedule import Exchange, Schedule
 
 
 class Transport(abc.ABC):
-    """Bookkeeping shared by every transport; subclasses move bytes (`_post`, `_collect`)
-    and may choose where `pack` writes (`_send_buffer`)."""
+    """Bookkeeping shared by every transport; subclasses move the rows (`_send`,
+    `_receive`) and the all-reduce's tensors (`_gather`)."""
 
     def __init__(self, rank: int, world: int, progress: torch.Tensor | None = None):
         self.rank, self.world, self.progress = rank, world, progress
@@ -60,18 +64,24 @@ class Transport(abc.ABC):
         self.layer = layer
         if self.progress is not None:
             self.progress[self.rank] = layer
-        buf, dsts, sizes = ex.pack(self.rank, tensors, out=self._send_buffer(ex))
-        self.sent[(layer, phase)] = buf.numel()
-        token = self._post(ex, buf, dsts, sizes)
+        self.sent[(layer, phase)] = ex.send_bytes(self.rank)
+        token = self._send(ex, tensors)
         self._next += 1
         self._pending[self._next] = (ex, token)
         return self._next
 
     def wait(self, handle: int, rows: list) -> list:
         ex, token = self._pending.pop(handle)
-        chunks = self._collect(ex, token)
-        device = rows[0].device if rows else None
-        return ex.place(self.rank, chunks, device)
+        return self._receive(ex, token, rows[0].device if rows else None)
+
+    @abc.abstractmethod
+    def _send(self, ex: Exchange, tensors: list):
+        """Send what this rank sends in ``ex`` (``tensors``: its `send_pieces`); returns
+        the token `_receive` takes."""
+
+    @abc.abstractmethod
+    def _receive(self, ex: Exchange, token, device) -> list:
+        """The tensors this rank receives in ``ex`` (its `recv_pieces`), laid out."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over `tp_group`, added in rank order."""
@@ -95,9 +105,17 @@ class Transport(abc.ABC):
         for (layer, phase) in self.schedule.exchanges:
             self.wait(self.start(layer, phase, []), [])
 
-    def _send_buffer(self, ex: Exchange) -> torch.Tensor | None:
-        """The uint8 buffer `pack` writes this rank's routes into; None: a new one."""
-        return None
+
+
+class PackingTransport(Transport):
+    """Sends one packed buffer per exchange (`Exchange.pack`) and places what arrives
+    (`Exchange.place`); subclasses move the bytes (`_post`, `_collect`)."""
+
+    def _send(self, ex: Exchange, tensors: list):
+        return self._post(ex, *ex.pack(self.rank, tensors))
+
+    def _receive(self, ex: Exchange, token, device) -> list:
+        return ex.place(self.rank, self._collect(ex, token), device)
 
     @abc.abstractmethod
     def _post(self, ex: Exchange, buf, dsts, sizes):
@@ -108,7 +126,7 @@ class Transport(abc.ABC):
         """The uint8 chunks this rank received for ``token``, one per route, in source order."""
 
 
-class CollectiveTransport(Transport):
+class CollectiveTransport(PackingTransport):
     """One asynchronous ``all_to_all_single`` per (layer, phase) on ``group``.
 
     ``watch``: called while a collective is pending (every 50 ms); it raises to abandon the
@@ -205,7 +223,7 @@ class Mailboxes:
                     raise TimeoutError(f"rank {rank} got no message within {self.timeout} s") from None
 
 
-class QueueTransport(Transport):
+class QueueTransport(PackingTransport):
     """In-process transport over `Mailboxes`; messages are (layer, phase, src, bytes)."""
 
     def __init__(self, rank: int, world: int, boxes: Mailboxes):
