@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fxdisagg.runtime.layout import RankLayout
-from fxdisagg.runtime.shm import (SharedMemoryTransport, compute_slots, doorbells, remove_segments,
-                                  segment_path)
+from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, remove_segments, segment_path
+from fxdisagg.runtime.slots import CoreSlots, compute_slots, host_cpus
 
 LAYOUT = RankLayout(1, 2)        # CompNode rank 0, AttnNodes ranks 1-4
 BELLS = doorbells(mp.get_context("spawn"), LAYOUT)
@@ -70,44 +70,72 @@ def test_a_silent_peer_times_out_and_a_gone_driver_is_noticed(monkeypatch):
     remove_segments(tag)
 
 
-def test_compute_slots_are_shared_by_a_role_with_more_workers_than_cores():
+def test_compute_slots_are_shared_by_a_role_with_as_many_workers_as_cores_or_more():
     ctx = mp.get_context("spawn")
-    slots = compute_slots(ctx, RankLayout(2, 2), cores=2)     # 2 CompNodes, 4 AttnNodes
-    assert slots[:2] == [None, None]
-    assert all(s is slots[2] for s in slots[2:]) and slots[2] is not None
-    assert compute_slots(ctx, RankLayout(2, 2), cores=4) == [None] * 6
-    tp = compute_slots(ctx, RankLayout(2, 1, tp=2), cores=2)  # 4 tensor-parallel CompNodes
+    slots = compute_slots(ctx, RankLayout(2, 2), cpus=[0, 1])     # 2 CompNodes, 4 AttnNodes
+    assert slots[0] is slots[1] and slots[0] is not None
+    assert all(s is slots[2] for s in slots[2:]) and slots[2] is not slots[0]
+    assert compute_slots(ctx, RankLayout(2, 2), cpus=[0, 1, 2, 3, 4]) == [None] * 6
+    assert compute_slots(ctx, RankLayout(1, 2), cpus=[0, 1])[0] is None  # one CompNode: 2 threads
+    tp = compute_slots(ctx, RankLayout(2, 1, tp=2), cpus=[0, 1])  # 4 tensor-parallel CompNodes
     assert tp[0] is not None and all(s is tp[0] for s in tp[:4]) and tp[4] is None
 
 
-def _free(slots) -> int:
-    """How many slots are free now (each taken, then all put back)."""
-    n = 0
-    while slots.acquire(block=False):
-        n += 1
-    for _ in range(n):
-        slots.release()
-    return n
+def _slots(n: int = 1) -> CoreSlots:
+    return CoreSlots(mp.get_context("spawn"), CPUS[:n])
+
+
+CPUS = host_cpus()
+
+
+@pytest.fixture(autouse=True)
+def _affinity_restored():
+    """A slot taken here pins the test's own thread to a core: give every core back."""
+    yield
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, CPUS)
 
 
 def test_a_worker_holds_its_slot_while_it_runs_and_not_while_it_waits():
     tag = uuid.uuid4().hex[:8]
-    slots = mp.get_context("spawn").Semaphore(1)
+    slots = _slots()
     comp, attn = _transport(0, tag), _transport(1, tag, slots=slots)
     attn.begin(None)
-    assert _free(slots) == 0, "running: the slot is taken"
+    assert slots.free() == 0, "running: the slot is taken"
     comp.bells[1][0].release()                  # the CompNode already rang: no wait
     attn._hear({0: attn.bells[1][0]}, "layer 0 dispatch")
-    assert _free(slots) == 0, "a wait that does not block keeps the slot"
+    assert slots.free() == 0, "a wait that does not block keeps the slot"
     seen = []
-    ring = threading.Timer(0.2, lambda: (seen.append(_free(slots)), comp.bells[1][0].release()))
+    ring = threading.Timer(0.2, lambda: (seen.append(slots.free()), comp.bells[1][0].release()))
     ring.start()
     attn._hear({0: attn.bells[1][0]}, "layer 0 return")
     assert seen == [1], "while it waited, the slot was free for another worker"
-    assert _free(slots) == 0, "heard: the slot is taken again"
+    assert slots.free() == 0, "heard: the slot is taken again"
     attn.end()
-    assert _free(slots) == 1
+    assert slots.free() == 1
     remove_segments(tag)
+
+
+@pytest.mark.skipif(len(CPUS) < 2 or not hasattr(os, "sched_setaffinity"),
+                    reason="core affinity needs Linux and two cores")
+def test_slot_holders_run_on_cores_of_their_own_and_waiters_anywhere():
+    """Two workers holding slots never share a core (the scheduler, left alone, stacked
+    them on one while the other idled); a worker takes its last core again when it is free."""
+    import copy
+    slots = _slots(2)
+    first, second = slots, copy.copy(slots)        # two workers' copies of the shared slots
+
+    def take(s):
+        s.take(lambda sem, what: sem.acquire())
+        return os.sched_getaffinity(0)
+    mine = take(first)
+    theirs = take(second)
+    assert len(mine) == len(theirs) == 1 and mine != theirs and slots.free() == 0
+    second.give()
+    assert os.sched_getaffinity(0) == set(CPUS[:2])
+    first.give()
+    assert take(first) == mine, "back on the core whose cache it warmed"
+    first.give()
 
 
 def _schedule(n: int):

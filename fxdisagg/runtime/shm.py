@@ -33,17 +33,9 @@ number in the header checks it). Ranks of one role never ring each other: at (1,
 CompNode rings 4 AttnNodes and each AttnNode 1 CompNode per exchange, not 20 rings among 5
 ranks.
 
-*Compute slots*: when a role has more workers than the host has cores (4 AttnNodes on 2
-cores at beta = 2), its workers share a semaphore of one slot per core (`compute_slots`).
-A worker holds a slot while it runs, from `begin` to `end`, and lets it go only while it
-waits on a peer. So as many tiles compute at a time as there are cores, each to its end,
-instead of all of them time-sliced (each switch evicting the other's tile from the core's
-cache) and all finishing late, and a core that frees up takes the next waiting tile. Timed
-in the workers at (2, 2), N=2048 on 2 cores, an AttnNode phase went from ~55 to ~48 ms per
-layer in one trace; end to end, side by side in one run, decode steps at (1, 2) were 2-5%
-faster in 2 of 3 runs and prefill at (2, 2) moved within the noise (+-2%). A slot holder
-never waits for anything but a peer, and gives its slot back first, so the slots cannot
-deadlock the exchanges.
+*Compute slots* (`fxdisagg.runtime.slots`): where a role has at least as many workers as
+the host has cores, a worker holds a core of its own while it runs, from `begin` to `end`,
+and gives it back only while it waits on a peer (`_hear`).
 
 A tensor-parallel CompNode's all-reduce (`Transport.all_reduce`) runs on a channel of its
 own between the ranks of the group: its own header board, doorbells (`group_doorbells`)
@@ -72,7 +64,6 @@ import weakref
 import torch
 
 from fxdisagg.landing import deliver, landed, landing_bytes
-from fxdisagg.runtime.layout import ATTN, COMP
 from fxdisagg.runtime.transport import Transport
 from fxdisagg.schedule import Exchange
 
@@ -112,14 +103,6 @@ def group_doorbells(ctx, layout) -> list[list]:
             for r in range(world)]
 
 
-def compute_slots(ctx, layout, cores: int) -> list:
-    """Per rank, the semaphore of compute slots its role shares, or None where the role
-    has no more workers than ``cores`` (see the module docstring)."""
-    pools = {role: ctx.Semaphore(cores) if layout.workers(role) > cores else None
-             for role in (COMP, ATTN)}
-    return [pools[layout.role(r)[0]] for r in range(layout.world)]
-
-
 def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
     """``path`` mapped shared, at least ``nbytes`` long (``create``: made or grown first;
     peers may race to it, and every one of them grows it to the same size)."""
@@ -147,12 +130,12 @@ class SharedMemoryTransport(Transport):
     """``bells``: the driver's `doorbells`; this rank posts ``bells[peer][rank]`` and acquires
     ``bells[rank][peer]`` for each of its peers (the senders that ring it).
     ``timeout``: seconds a receiver waits for one peer. ``slots``: this rank's
-    `compute_slots`, or None."""
+    `CoreSlots` (`fxdisagg.runtime.slots.compute_slots`), or None."""
 
     def __init__(self, rank: int, world: int, *, tag: str, bells, timeout: float = 300.0,
                  alive=lambda: True, progress=None, group_bells=None, slots=None):
         super().__init__(rank, world, progress)
-        self.slots, self._holding = slots, False
+        self.slots = slots
         self.tag, self.bells, self.timeout, self.alive = tag, bells, timeout, alive
         self.device = torch.device("cpu")
         self._mine: dict[str, tuple[int, torch.Tensor]] = {}      # phase -> (generation, bytes)
@@ -191,14 +174,13 @@ class SharedMemoryTransport(Transport):
         self._give_slot()
 
     def _give_slot(self) -> None:
-        if self._holding:
-            self.slots.release()
-            self._holding = False
+        if self.slots is not None and self.slots.held:
+            self.slots.give()
 
     def _take_slot(self) -> None:
-        if self.slots is not None and not self._holding:
-            self._wait(self.slots, "a compute slot")
-            self._holding = True
+        if self.slots is not None and not self.slots.held:
+            plan = getattr(self.schedule, "plan", None)
+            self.slots.take(self._wait, bind=getattr(plan, "n_tokens", 0) >= self.slots.BIND_ROWS)
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
         """This rank's own segment of ``phase`` (the all-reduce's), grown by generation."""

@@ -8,8 +8,8 @@ torchrun starts its ranks from a module of its own. Scripts without an
 
 Each worker runs the shared `Worker` loop with a `SharedMemoryTransport` (payloads and
 headers through shared memory, a semaphore per CompNode/AttnNode pair as doorbell, and
-compute slots where a role has more workers than cores; see `fxdisagg.runtime.shm`; no
-process group, no sockets) and persists for the
+a core of its own while it computes where a role has as many workers as cores or more:
+`fxdisagg.runtime.slots`; no process group, no sockets) and persists for the
 DisaggregatedModel's lifetime. The driver makes the doorbells and talks to each worker
 over a pipe of its own (`Channel`: programs, inputs, frontier pieces, errors; small
 tensors inline, see `_Inline`) and polls their liveness while it waits. CompNode weights travel
@@ -40,8 +40,8 @@ from fxdisagg.errors import ConfigError, WorkerError
 from fxdisagg.runtime.driver import Driver
 from fxdisagg.runtime.heap import keep_freed_memory
 from fxdisagg.runtime.layout import COMP, RankLayout
-from fxdisagg.runtime.shm import (SharedMemoryTransport, compute_slots, doorbells, group_doorbells,
-                                  remove_segments)
+from fxdisagg.runtime.shm import SharedMemoryTransport, doorbells, group_doorbells, remove_segments
+from fxdisagg.runtime.slots import compute_slots, host_cpus
 from fxdisagg.runtime.worker import ProgramBlob, Worker, format_error, serve, worker_error
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,7 @@ def _threads(layout: RankLayout, rank: int) -> int:
     at the same time (CompNodes together, then AttnNodes together); more would oversubscribe
     the cores while the peers compute (measured at (2, 2) on 2 cores: 1.74x -> see the
     runtime benchmark)."""
-    return max(1, _cores() // layout.workers(layout.role(rank)[0]))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, len(host_cpus()) // layout.workers(layout.role(rank)[0]))
 
 
 class CallThreads:
@@ -270,7 +266,7 @@ class SpawnRuntime(Driver):
         self.answers = _Answers(self.channels)
         self.tag = _tag()
         bells, group_bells = doorbells(ctx, self.layout), group_doorbells(ctx, self.layout)
-        slots = compute_slots(ctx, self.layout, _cores())
+        slots = compute_slots(ctx, self.layout, host_cpus())
         self.procs = [ctx.Process(target=_worker_main, name=f"fxdisagg-{self.layout.describe(r)}",
                                   args=(r, config, self.tag, bells, group_bells, slots[r],
                                         theirs, self.progress, os.getpid()), daemon=True)
