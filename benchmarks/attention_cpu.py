@@ -10,7 +10,9 @@ Measures, side by side in one run, for each beta:
   - the same tiles with ALiBi (Bloom's slopes): the flash kernel with a per-head additive
     mask that carries the bias, reported as a ratio to the flash tiles.
 Shard tensors are made once, outside the timed region, like the tensors an AttnNode
-receives. Repeats are interleaved (fused, sharded, fused, ...) and medians compared, so
+receives. Everything runs twice: on this process's intra-op threads, and on one thread, as
+an AttnNode runs whenever AttnNodes outnumber the cores (the torch backend cuts 128..1024-row
+causal tiles into row blocks only then: `kernels/torch_cpu.row_blocked`). Repeats are interleaved (fused, sharded, fused, ...) and medians compared, so
 that load from other processes affects both alike.
 
 Usage: python benchmarks/attention_cpu.py [--quick] [--n N] [--repeats R] [--betas 2 4]
@@ -109,14 +111,17 @@ def main() -> None:
     print(f"N={n} H={args.heads} D={args.dim} B=1 fp32, threads={torch.get_num_threads()}, "
           f"repeats={repeats} (medians), glibc malloc tuned={tuned}")
     goals = {2: 1.15, 4: 1.3}
-    for beta in args.betas:
-        t = bench(n, args.heads, args.dim, beta, repeats)
-        goal = f" (goal <= {goals[beta]})" if beta in goals else ""
-        print(f"beta={beta}: fused {t['fused'] * 1e3:8.2f} ms   sharded {t['sharded'] * 1e3:8.2f} ms   "
-              f"ratio {t['sharded'] / t['fused']:.3f}{goal}   "
-              f"[tiles alone {t['tiles'] / t['fused']:.3f}, merges {(t['sharded'] - t['tiles']) * 1e3:.2f} ms]")
-        print(f"         soft-capped tiles (dense exact path) {t['tiles_softcap'] / t['tiles']:.2f}x, "
-              f"ALiBi tiles (per-head mask) {t['tiles_alibi'] / t['tiles']:.2f}x the flash tiles")
+    for threads in dict.fromkeys((torch.get_num_threads(), 1)):
+        torch.set_num_threads(threads)
+        print(f"{threads} thread(s):")
+        for beta in args.betas:
+            t = bench(n, args.heads, args.dim, beta, repeats)
+            goal = f" (goal <= {goals[beta]})" if beta in goals else ""
+            print(f"  beta={beta}: fused {t['fused'] * 1e3:8.2f} ms   sharded {t['sharded'] * 1e3:8.2f} ms   "
+                  f"ratio {t['sharded'] / t['fused']:.3f}{goal}   "
+                  f"[tiles alone {t['tiles'] / t['fused']:.3f}, merges {(t['sharded'] - t['tiles']) * 1e3:.2f} ms]")
+            print(f"          soft-capped tiles (dense exact path) {t['tiles_softcap'] / t['tiles']:.2f}x, "
+                  f"ALiBi tiles (per-head mask) {t['tiles_alibi'] / t['tiles']:.2f}x the flash tiles")
 
 
 if __name__ == "__main__":

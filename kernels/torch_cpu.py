@@ -185,6 +185,17 @@ ROW_BLOCK = 64          # rows per call of a row-blocked triangle (`_causal`)
 ROW_BLOCKED = (128, 1024)  # query rows for which a triangle is cut into row blocks
 
 
+def row_blocked(mq: int) -> bool:
+    """Whether `_causal` cuts a triangle of ``mq`` rows into row blocks: for 128..1024 rows,
+    and only on one intra-op thread. On two, the 64-row calls (16 (head, 32-row) work items
+    each) spent more in fork and join and in their output copies than the blocks saved: at
+    N=4096, beta=4 (1024-row tiles), the tiles took 2.04x the fused causal SDPA row-blocked
+    and 1.59x as one call each, against 1.24x and 1.40x on one thread. An AttnNode runs one
+    thread whenever the AttnNodes outnumber the cores (`fxdisagg.runtime.spawn._threads`),
+    the case the blocks are for."""
+    return ROW_BLOCKED[0] <= mq <= ROW_BLOCKED[1] and torch.get_num_threads() == 1
+
+
 def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """`tril(0)` of `[Mq, Mk]`: row a sees keys [0, min(a + 1, Mk)).
 
@@ -195,9 +206,9 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tens
     mask for its diagonal part, a view of one shared mask. Measured single-threaded, H=8,
     D=64: 0.63x the one call's time at 512 rows, 0.83x at 1024, but 1.09x at 2048, where
     the smaller GEMMs and the mask reads cost more than the waste: larger tiles stay one
-    call (`benchmarks/attention_cpu.py`)."""
+    call (`benchmarks/attention_cpu.py`). Only on one thread (`row_blocked`)."""
     mq, mk = q.shape[2], k.shape[2]
-    if not ROW_BLOCKED[0] <= mq <= ROW_BLOCKED[1]:
+    if not row_blocked(mq):
         return _flash(q, k, v, scale, True)
     bs = ROW_BLOCK
     width = -(-mq // bs) * bs  # block b's keys [0, r1) are columns [width - bs - r0, ...) of:

@@ -103,12 +103,20 @@ def test_rsharded_tiles_take_triangle_paths(beta, n):
                 assert kind == ("causal" if i >= j else "causal_shifted"), (i, j, kind)
 
 
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("beta,n", [(2, 600), (3, 1000), (2, 2200)])
-def test_row_blocked_triangles(dtype, beta, n):
-    """R-sharded tiles of 128..1024 rows are cut into row blocks (`torch_cpu._causal`):
-    block ends that fall anywhere, the shifted triangle, more keys than queries, and a
-    larger tile that stays one call, all against the fp64 reference."""
+def test_row_blocked_triangles(dtype, beta, n, one_thread):
+    """R-sharded tiles of 128..1024 rows are cut into row blocks on one thread
+    (`torch_cpu._causal`): block ends that fall anywhere, the shifted triangle, more keys
+    than queries, and a larger tile that stays one call, all against the fp64 reference."""
     sizes = set()
     for i, j in ((1, 0), (0, 1), (beta - 1, beta - 1)):
         q_pos, k_pos = rshard(n, beta, i), rshard(n, beta, j)
@@ -116,8 +124,20 @@ def test_row_blocked_triangles(dtype, beta, n):
         assert tile_kind(q, k, q_pos, k_pos, causal=True) == ("causal" if i >= j else "causal_shifted")
         check_tile(q, k, v, q_pos, k_pos, causal=True)
         sizes.add(len(q_pos))
-    blocked = [torch_cpu.ROW_BLOCKED[0] <= m <= torch_cpu.ROW_BLOCKED[1] for m in sizes]
-    assert all(blocked) or not any(blocked)
+    blocked = [torch_cpu.row_blocked(m) for m in sizes]
+    assert all(blocked) == (n < 2200) and (all(blocked) or not any(blocked))
+
+
+def test_triangles_stay_one_call_on_more_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not torch_cpu.row_blocked(512)
+        q_pos, k_pos = rshard(1000, 2, 1), rshard(1000, 2, 0)
+        q, k, v = make_qkv(1, 4, 2, len(q_pos), len(k_pos), 16, torch.float32, seed=1)
+        check_tile(q, k, v, q_pos, k_pos, causal=True)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_contiguous_sharding_tiles():
