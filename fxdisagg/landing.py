@@ -82,6 +82,7 @@ class _Put(typing.NamedTuple):
     runs: tuple["Run", ...] | None
     rows: Tensor | None
     where: Tensor | None
+    whole: bool          # one run that takes all of the sender's tensor: no view to make
 
 
 class Run(typing.NamedTuple):
@@ -115,7 +116,9 @@ def _puts(ex: Exchange, rank: int) -> tuple[_Put, ...]:
             if n == 0 or not r.carries(spec):
                 continue
             rows, where = r.rows[spec.side], r.dst_rows[spec.side]
-            puts.append(_Put(k, r.dst, spec, r.slot, r.part, runs(rows, where, n), rows, where))
+            found = runs(rows, where, n)
+            whole = rows is None and found is not None and len(found) == 1
+            puts.append(_Put(k, r.dst, spec, r.slot, r.part, found, rows, where, whole))
     return tuple(puts)
 
 
@@ -150,28 +153,40 @@ def runs(rows: Tensor | None, where: Tensor | None, n: int) -> tuple[Run, ...] |
 
 def deliver(ex: Exchange, rank: int, tensors: Sequence[Tensor], landings: Mapping[int, Tensor]) -> None:
     """Copy every row ``rank`` sends in ``ex`` to its place in its receiver's landing
-    (``landings[dst]``, uint8): one copy per row."""
+    (``landings[dst]``, uint8): one copy per row. The receivers' side of every copy is a
+    view kept while the landings are (a decode step is ~30 small copies per layer, so what
+    each costs beside its ``copy_`` counts)."""
     puts = _puts(ex, rank)
     dsts = sorted({p.dst for p in puts})
     targets = ex.kept(("deliver", rank), [landings[d] for d in dsts], lambda: [
-        _target(ex, p, landings[p.dst]) for p in puts])
+        _targets(ex, p, landings[p.dst]) for p in puts])
     for p, target in zip(puts, targets):
-        d = p.spec.token_dim
         src = heads_of(tensors[p.piece], p.spec.head_dim, p.part, p.spec)
-        _check(ex, p.spec, src)
-        if p.runs is None:
-            _scatter(src, d, p.rows, target, d, p.where)
+        if p.whole:
+            if src.shape != target[0].shape:
+                _refuse(ex, p.spec, src)
+            target[0].copy_(src)
             continue
-        for run in p.runs:
-            run.put(target, d).copy_(run.taken(src, d))
+        if src.dim() != len(p.spec.shape) or any(
+                s is not None and s != n for s, n in zip(p.spec.shape, src.shape)):
+            _refuse(ex, p.spec, src)
+        d = p.spec.token_dim
+        if p.runs is None:
+            _scatter(src, d, p.rows, target[0], d, p.where)
+            continue
+        for run, view in zip(p.runs, target):
+            view.copy_(run.taken(src, d))
 
 
-def _target(ex: Exchange, p: _Put, landing: Tensor) -> Tensor:
-    """The receiver's tensor this put writes into: its slot of a stacked partial, its TP
-    part's heads of an AttnNode's all-head tensor."""
+def _targets(ex: Exchange, p: _Put, landing: Tensor) -> list[Tensor]:
+    """Where a put writes in the receiver's tensor (its slot of a stacked partial, its TP
+    part's heads of an AttnNode's all-head tensor): a view per run, or the whole tensor for
+    index ops."""
     full = landed(ex, p.dst, landing)[p.piece]
-    target = full[p.slot] if p.slot is not None else full
-    return heads_of(target, p.spec.head_dim, p.part, p.spec)
+    target = heads_of(full[p.slot] if p.slot is not None else full, p.spec.head_dim, p.part, p.spec)
+    if p.runs is None:
+        return [target]
+    return [run.put(target, p.spec.token_dim) for run in p.runs]
 
 
 def _scatter(src: Tensor, d: int, rows: Tensor | None, target: Tensor, dd: int, where: Tensor | None) -> None:
@@ -182,8 +197,7 @@ def _scatter(src: Tensor, d: int, rows: Tensor | None, target: Tensor, dd: int, 
         target.index_copy_(dd, where.to(target.device), taken)
 
 
-def _check(ex: Exchange, spec: PieceSpec, t: Tensor) -> None:
-    """A sent tensor has the piece's shape but for its token rows."""
-    if t.dim() != len(spec.shape) or any(s is not None and s != n for s, n in zip(spec.shape, t.shape)):
-        raise ValueError(f"layer {ex.layer} {ex.phase}: piece {spec.name} is {tuple(t.shape)}, "
-                         f"the schedule sends {spec.encode()}")
+def _refuse(ex: Exchange, spec: PieceSpec, t: Tensor):
+    """A sent tensor has the piece's shape (all of its rows, for a route that sends them all)."""
+    raise ValueError(f"layer {ex.layer} {ex.phase}: piece {spec.name} is {tuple(t.shape)}, "
+                     f"the schedule sends {spec.encode()}")

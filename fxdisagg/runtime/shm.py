@@ -4,12 +4,15 @@ As NCCL does within a node, the bytes do not cross a socket, and here they are n
 either: each receiver owns a *landing* segment per phase, laid out as the tensors it
 receives, and every sender writes each row it sends once, straight to its final place there
 (`fxdisagg.landing.deliver`). The receiver's tile (an AttnNode) or stacked partials (a
-CompNode) are views of its landing: nothing is placed on arrival. Nothing travels through
-a process group; a rank announces an exchange to each peer with
+CompNode) are views of its landing: nothing is placed on arrival. A call of few tokens (a
+decode step) packs into the sender's own segment instead (`Exchange.pack`), which the
+receivers read in place (`Exchange.place`): its many small copies cost less that way
+(`_send`). Nothing travels through a process group; a rank announces an exchange to each
+peer with
 
 - a *header* in its own shared board: for exchange ``s`` of this transport's life, slot
-  ``s % SLOTS`` holds, per receiver, ``(s, 0, 0, bytes)`` (the all-reduce's: ``(s,
-  segment generation, offset, bytes)``);
+  ``s % SLOTS`` holds, per receiver, ``(s, segment generation, offset, bytes)`` (zeros
+  but ``s`` and the bytes for a delivery);
 - a *doorbell*: a POSIX semaphore per (receiver, sender) pair of peers, posted once per
   exchange after the payload and the header are written.
 
@@ -70,6 +73,7 @@ from fxdisagg.schedule import Exchange
 _DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _MIN_BYTES = 1 << 20
 SLOTS = 4                 # header slots per sender: it runs at most two exchanges ahead
+DELIVER_TOKENS = 256      # calls of fewer tokens pack instead of delivering (`_send`)
 _POLL = 1.0               # seconds between checks of the deadline and of alive() while waiting
 
 
@@ -183,7 +187,8 @@ class SharedMemoryTransport(Transport):
             self.slots.take(self._wait, bind=getattr(plan, "n_tokens", 0) >= self.slots.BIND_ROWS)
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
-        """This rank's own segment of ``phase`` (the all-reduce's), grown by generation."""
+        """This rank's own segment of ``phase`` (packed exchanges, all-reduces), grown by
+        generation."""
         gen, seg = self._mine.get(phase, (-1, None))
         if seg is None or seg.numel() < nbytes:
             size = max(_MIN_BYTES, nbytes, 2 * (seg.numel() if seg is not None else 0))
@@ -194,34 +199,60 @@ class SharedMemoryTransport(Transport):
             self._mine[phase] = (gen, seg)
         return gen, seg
 
-    # -- exchanges: each row written once, straight into its receiver's landing -------------
+    # -- exchanges ---------------------------------------------------------------------------
+    # A call of many tokens delivers each row straight into its receiver's landing; a call
+    # of few (a decode step) packs into this rank's own segment of the phase, which the
+    # receivers read in place (`Exchange.place`: views where one route fills a tensor, else
+    # a placing copy of a few rows). A decode step's ~30 small copies per layer cost more
+    # as deliveries (a view per copy on both sides) than packed: side by side, (1, 2) steps
+    # were ~5% slower delivered. Both sides choose alike, from the call's token count.
+    def _delivers(self) -> bool:
+        return getattr(self.schedule.plan, "n_tokens", 0) >= DELIVER_TOKENS
+
     def _send(self, ex: Exchange, tensors: list) -> int:
-        deliver(ex, self.rank, tensors, {r.dst: self._landing(r.dst, ex.phase) for r in ex.sends(self.rank)})
         self._seq += 1
         header = self._board[self._seq % SLOTS]       # numpy view of the shared slot
         header[:, 1:] = 0
-        for dst, nbytes in zip(*ex.send_sizes(self.rank)):
-            header[dst, 3] = nbytes
+        if self._delivers():
+            deliver(ex, self.rank, tensors,
+                    {r.dst: self._landing(r.dst, ex.phase) for r in ex.sends(self.rank)})
+            for dst, nbytes in zip(*ex.send_sizes(self.rank)):
+                header[dst, 3] = nbytes
+        else:
+            total = ex.send_bytes(self.rank)
+            gen, seg = self._segment(ex.phase, total) if total else (0, _NOTHING)
+            _, dsts, sizes = ex.pack(self.rank, tensors, out=seg[:total])
+            off = 0
+            for d, nbytes in zip(dsts, sizes):
+                header[d, 1:] = gen, off, nbytes
+                off += nbytes
         header[:, 0] = self._seq
         for d in self.peers:
             self.bells[d][self.rank].release()
         return self._seq
 
     def _receive(self, ex: Exchange, seq: int, device) -> list:
-        """Hear every peer's doorbell for exchange ``seq``; what arrived is in the landing."""
+        """Hear every peer's doorbell for exchange ``seq``; what arrived is in this rank's
+        landing, or in its senders' segments."""
         self._hear({src: self.bells[self.rank][src] for src in self.peers},
                    f"layer {ex.layer} {ex.phase}")
+        chunks, delivered = [], self._delivers()
         for src, nbytes in ex.recv_sizes(self.rank):
             if src not in self.peers:
                 raise RuntimeError(f"rank {self.rank}: the schedule routes layer {ex.layer} "
                                    f"{ex.phase} from rank {src}, which is not a peer")
-            got, _, _, size = self._board_from(src)[seq % SLOTS, self.rank].tolist()
+            got, gen, off, size = self._board_from(src)[seq % SLOTS, self.rank].tolist()
             if got != seq or size != nbytes:
                 raise RuntimeError(
                     f"rank {self.rank}: rank {src}'s header for layer {ex.layer} {ex.phase} reads "
                     f"exchange {got} with {size} bytes; expected exchange {seq} with {nbytes} "
                     f"(the schedule): the ranks ran different exchanges")
-        return landed(ex, self.rank, self._landing(self.rank, ex.phase))
+            if not delivered:
+                chunks.append(self._their_segment(src, ex.phase, gen, off + size)[off:off + size]
+                              if size else _NOTHING)
+        if delivered:
+            return landed(ex, self.rank, self._landing(self.rank, ex.phase))
+        return ex.place(self.rank, chunks, device)
 
     def _landing(self, rank: int, phase: str) -> torch.Tensor:
         """``rank``'s landing of ``phase``, mapped: one file per size class (a power of two
