@@ -73,7 +73,7 @@ from fxdisagg.schedule import Exchange
 _DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _MIN_BYTES = 1 << 20
 SLOTS = 4                 # header slots per sender: it runs at most two exchanges ahead
-DELIVER_TOKENS = 256      # calls of fewer tokens pack instead of delivering (`_send`)
+LARGE_CALL = 256          # tokens from which a call delivers (`_send`) and binds its slot to a core
 _POLL = 1.0               # seconds between checks of the deadline and of alive() while waiting
 
 
@@ -183,8 +183,7 @@ class SharedMemoryTransport(Transport):
 
     def _take_slot(self) -> None:
         if self.slots is not None and not self.slots.held:
-            plan = getattr(self.schedule, "plan", None)
-            self.slots.take(self._wait, bind=getattr(plan, "n_tokens", 0) >= self.slots.BIND_ROWS)
+            self.slots.take(self._wait, bind=self._large_call())
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
         """This rank's own segment of ``phase`` (packed exchanges, all-reduces), grown by
@@ -206,14 +205,16 @@ class SharedMemoryTransport(Transport):
     # a placing copy of a few rows). A decode step's ~30 small copies per layer cost more
     # as deliveries (a view per copy on both sides) than packed: side by side, (1, 2) steps
     # were ~5% slower delivered. Both sides choose alike, from the call's token count.
-    def _delivers(self) -> bool:
-        return getattr(self.schedule.plan, "n_tokens", 0) >= DELIVER_TOKENS
+    def _large_call(self) -> bool:
+        """A prefill, not a decode step: it delivers (`_send`) and runs on its slot's core
+        (`fxdisagg.runtime.slots`)."""
+        return getattr(getattr(self.schedule, "plan", None), "n_tokens", 0) >= LARGE_CALL
 
     def _send(self, ex: Exchange, tensors: list) -> int:
         self._seq += 1
         header = self._board[self._seq % SLOTS]       # numpy view of the shared slot
         header[:, 1:] = 0
-        if self._delivers():
+        if self._large_call():
             deliver(ex, self.rank, tensors,
                     {r.dst: self._landing(r.dst, ex.phase) for r in ex.sends(self.rank)})
             for dst, nbytes in zip(*ex.send_sizes(self.rank)):
@@ -236,7 +237,7 @@ class SharedMemoryTransport(Transport):
         landing, or in its senders' segments."""
         self._hear({src: self.bells[self.rank][src] for src in self.peers},
                    f"layer {ex.layer} {ex.phase}")
-        chunks, delivered = [], self._delivers()
+        chunks, delivered = [], self._large_call()
         for src, nbytes in ex.recv_sizes(self.rank):
             if src not in self.peers:
                 raise RuntimeError(f"rank {self.rank}: the schedule routes layer {ex.layer} "

@@ -16,9 +16,9 @@ previous core or its waker's when both are busy, and an idle core pulls a queued
 if its idle periods average more than the migration cost (0.5 ms), which a core of this
 runtime, always busy, never does. Traced at (2, 2), N=2048, tiles spent ~17 ms per call
 descheduled that way; side by side in one run, binding took (2, 2) from 1.13-1.18x eager
-to 1.09-1.11x. A call of few rows (`BIND_ROWS`: a decode step) takes slots without binding:
-its exchanges come every fraction of a millisecond, and moving the thread twice per
-exchange made a (1, 2) decode step ~8% slower. A slot holder never waits for anything but
+to 1.06-1.10x. A call of few tokens (a decode step: `shm.LARGE_CALL`) takes slots without
+binding: its exchanges come every fraction of a millisecond, and moving the thread twice
+per exchange made a (1, 2) decode step ~8% slower. A slot holder never waits for anything but
 a peer, and gives its slot back first, so the slots cannot deadlock the exchanges.
 """
 
@@ -34,8 +34,6 @@ class CoreSlots:
     """One slot per core of ``cpus``, shared by a role's workers (made by the driver from
     its multiprocessing context, copied into each worker, where `take` and `give` keep
     that worker's own slot)."""
-
-    BIND_ROWS = 256      # calls of fewer tokens take slots without binding (module docstring)
 
     def __init__(self, ctx, cpus: Sequence[int]):
         self.cpus = tuple(cpus)
