@@ -17,6 +17,7 @@ from fxdisagg.config import Config
 from fxdisagg.contracts import check_all
 from fxdisagg.errors import ConfigError, InputError
 from fxdisagg.passes.classify_masks import classify_masks
+from fxdisagg.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from fxdisagg.passes.find_attention import find_attention
 from fxdisagg.passes.fold_repeat_kv import fold_repeat_kv
 from fxdisagg.passes.lower import RolePrograms, lower
@@ -28,7 +29,8 @@ from fxdisagg.runtime.worker import LRU
 
 log = logging.getLogger(__name__)
 
-PASSES = [find_attention, fold_repeat_kv, classify_masks, split_attention, partition]
+PASSES = [find_attention, fold_repeat_kv, classify_masks, split_attention,
+          eliminate_common_subexpressions, partition]
 
 
 def compile(model: torch.nn.Module, alpha: int = 1, beta: int = 1, *, example_inputs=None,

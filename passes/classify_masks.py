@@ -286,6 +286,7 @@ def _static_value(node: fx.Node) -> torch.Tensor:
 
 # -- the pass ---------------------------------------------------------------------------------
 def classify_masks(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    per_token: dict[fx.Node, fx.Node] = {}     # one [N] view of each feature, for every layer
     for layer, node in enumerate(gm.graph.find_nodes(op="call_function", target=OPS.attention)):
         a = args_of(node)
         if a["mask"] is None:
@@ -293,7 +294,7 @@ def classify_masks(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 ctx.count("classify_masks.causal")
             continue
         feats = _classify(node, a["mask"], ctx.seq, layer)
-        _rewrite(gm, node, feats)
+        _rewrite(gm, node, feats, per_token)
         if feats.ones_in_one_run is not None:
             ctx.contracts.add(OnesInOneRun(feats.ones_in_one_run.target, f"layer {layer}'s ALiBi"))
         for kind in feats.kinds:
@@ -317,12 +318,12 @@ def _classify(node, mask, seq, layer) -> Features:
             f"pass attention_mask with 0/1 values or open an issue with the dump.") from None
 
 
-def _rewrite(gm, node, f: Features) -> None:
+def _rewrite(gm, node, f: Features, per_token: dict) -> None:
     g = gm.graph
     with g.inserting_before(node):
-        pos = _per_token(g, f.pos)
-        doc = _per_token(g, f.doc)
-        valid = _per_token(g, f.valid)
+        pos = _per_token(g, f.pos, per_token)
+        doc = _per_token(g, f.doc, per_token)
+        valid = _per_token(g, f.valid, per_token)
         if valid is not None and val(valid).dtype != torch.bool:
             valid = _created(g, aten.ne.Scalar, (valid, 0), torch.ne(val(valid), 0))
     causal = bool(args_of(node)["causal"] or f.causal)
@@ -330,14 +331,17 @@ def _rewrite(gm, node, f: Features) -> None:
              causal=causal, window=f.window, window_ahead=f.window_ahead, alibi=f.alibi)
 
 
-def _per_token(g, n):
-    """A feature as [B, N] or [N]: a [1, N] source is squeezed."""
+def _per_token(g, n, made: dict):
+    """A feature as [B, N] or [N]: a [1, N] source is squeezed, once for all the layers
+    that read it (``made``: source -> its squeezed node, placed before the first reader)."""
     if n is None:
         return None
     shape = val(n).shape
-    if len(shape) == 2 and isinstance(shape[0], int) and shape[0] == 1:
-        return _created(g, aten.select.int, (n, 0, 0), val(n)[0])
-    return n
+    if not (len(shape) == 2 and isinstance(shape[0], int) and shape[0] == 1):
+        return n
+    if n not in made:
+        made[n] = _created(g, aten.select.int, (n, 0, 0), val(n)[0])
+    return made[n]
 
 
 def _created(g, target, args, v):

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from fxdisagg.errors import PatternError
-from fxdisagg.graph import describe_node, is_tensor, seq_dims, single_user, val
+from fxdisagg.graph import describe_node, empty_val, is_tensor, seq_dims, single_user, val
 from fxdisagg.ir import OPS, args_of, is_call, make_node, set_args
 from fxdisagg.pipeline import PassContext
 
@@ -80,7 +80,7 @@ def _default_scale(q: fx.Node) -> float:
 
 def _emit(gm, at: fx.Node, q, k, v, mask, scale, causal, softcap=None) -> fx.Node:
     """``fxdisagg.attention`` before ``at``, with its stack trace; no features yet."""
-    out = val(q).new_empty(val(q).shape[:-1] + (val(v).shape[-1],))
+    out = empty_val(val(q), val(q).shape[:-1] + (val(v).shape[-1],))
     with gm.graph.inserting_before(at):
         new = make_node(gm.graph, OPS.attention, (), val=out, created_by="find_attention", like=at)
     set_args(new, q=q, k=k, v=v, mask=mask, scale=float(scale), causal=bool(causal),

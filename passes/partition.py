@@ -21,7 +21,8 @@ node that scans, reduces or mixes over a token dim raises `TokenLocalityError` n
 node, the op and this pass. Common ops are judged by their dims here; an op those rules do
 not clear (an op they do not know, a batched matmul over per-token expert weights) is
 judged by DTensor's sharding rules (`fxdisagg.locality`), never by a growing list of op
-names. The dependency DAG is analysed with networkx (cycles, reach).
+names. What feeds an attention is one backward sweep: a linted FX graph is in
+topological order (`run_passes` lints before every pass), so no separate DAG is built.
 Counts: ``partition.<role>`` per role.
 """
 
@@ -31,7 +32,6 @@ import fnmatch
 import math
 import operator
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -67,10 +67,7 @@ _DIM_DEFAULT_0 = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.d
 
 
 def partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    dag = _dag(gm)
-    feeds_attention = set()
-    for n in gm.graph.find_nodes(op="call_function", target=PARTIAL):
-        feeds_attention |= nx.ancestors(dag, n)
+    feeds_attention = _feeds_attention(gm)
     for node in gm.graph.nodes:
         role = _role(node, ctx, feeds_attention)
         node.meta[ROLE] = role
@@ -80,15 +77,15 @@ def partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _dag(gm: fx.GraphModule) -> nx.DiGraph:
-    dag = nx.DiGraph()
-    for n in gm.graph.nodes:
-        dag.add_node(n)
-        for a in n.all_input_nodes:
-            dag.add_edge(a, n)
-    if not nx.is_directed_acyclic_graph(dag):
-        raise TokenLocalityError("partition: the graph has a cycle")
-    return dag
+def _feeds_attention(gm: fx.GraphModule) -> set[fx.Node]:
+    """Every node a partial attention reads, directly or not: users come after their
+    inputs, so walking backwards sees each node's users before the node. (With per-layer
+    ``ancestors`` queries this was quadratic in the layers: 50 ms of 32.)"""
+    feeds: set[fx.Node] = set()
+    for n in reversed(gm.graph.nodes):
+        if any(u.target is PARTIAL or u in feeds for u in n.users):
+            feeds.add(n)
+    return feeds
 
 
 def _role(node: fx.Node, ctx, feeds_attention) -> str:

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxdisagg.errors import PassError
-from fxdisagg.graph import describe_node, val
+from fxdisagg.graph import describe_node, empty_val, val
 from fxdisagg.ir import OPS, args_of, make_node, set_args
 from fxdisagg.pipeline import PassContext
 
@@ -59,7 +59,7 @@ def _token_index(gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
                       created_by="split_attention")
     with g.inserting_after(n):
         return make_node(g, aten.arange.default, (n,), {"device": val(src).device},
-                         val=val(src).new_empty((val(src).shape[1],), dtype=torch.int64),
+                         val=empty_val(val(src), (val(src).shape[1],), torch.int64),
                          created_by="split_attention", name="token_index")
 
 
@@ -98,8 +98,8 @@ class _Builder:
     def split(self, a: dict) -> fx.Node:
         """beta partials over key shards, stacked and merged: the attention's output."""
         qv, beta = val(a["q"]), self.ctx.beta
-        out_like = qv.new_empty(qv.shape[:-1] + (val(a["v"]).shape[-1],))
-        lse_like = qv.new_empty(qv.shape[:-1], dtype=torch.float32)
+        out_like = empty_val(qv, qv.shape[:-1] + (val(a["v"]).shape[-1],))
+        lse_like = empty_val(qv, qv.shape[:-1], torch.float32)
         outs, lses = [], []
         for j in range(beta):
             p = self.partial(a, j, (out_like, lse_like))
@@ -107,9 +107,9 @@ class _Builder:
             lses.append(self.call(operator.getitem, (p, 1), lse_like))
             self.ctx.count("split_attention.partials")
         stacked_o = self.call(aten.stack.default, (outs, 0),
-                              out_like.new_empty((beta, *out_like.shape)))  # [beta, B, H, M, D]
+                              empty_val(out_like, (beta, *out_like.shape)))  # [beta, B, H, M, D]
         stacked_l = self.call(aten.stack.default, (lses, 0),
-                              lse_like.new_empty((beta, *lse_like.shape)))  # [beta, B, H, M]
+                              empty_val(lse_like, (beta, *lse_like.shape)))  # [beta, B, H, M]
         merged = self.op(OPS.expsum_merge, (out_like, lse_like), outs=stacked_o, lses=stacked_l,
                          backend=self.ctx.kernel)
         return self.call(operator.getitem, (merged, 0), out_like)

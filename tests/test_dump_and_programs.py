@@ -18,7 +18,8 @@ def test_dump_dir_writes_every_pass_programs_and_plan(tmp_path):
     dm = fxdisagg.compile(tiny_model("llama"), 2, 2, example_inputs=inputs("llama", 1, 12),
                           launch="inprocess", dump_dir=tmp_path / "d")
     tmp_path = tmp_path / "d" / "capture0"
-    names = ["find_attention", "fold_repeat_kv", "classify_masks", "split_attention", "partition"]
+    names = ["find_attention", "fold_repeat_kv", "classify_masks", "split_attention",
+             "eliminate_common_subexpressions", "partition"]
     timings = (tmp_path / "passes.txt").read_text()
     for i, name in enumerate(names):
         assert (tmp_path / f"{i:02d}_{name}.before.py").exists()
