@@ -36,6 +36,20 @@ def empty_val(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> to
     return cache[key]
 
 
+def lazy_graph_module(root, graph: fx.Graph, class_name: str = "GraphModule") -> fx.GraphModule:
+    """A GraphModule whose Python code is generated when it is first run or read (torch's
+    lazy GraphModule, as Inductor builds its own), not when it is built. Passes and `lower`
+    only read graphs, and code generation is ~1.5 ms a module: the 65 stages of a 32-layer
+    program cost 0.1 s of a compile in code nothing had read yet (benchmarks/passes.py).
+    Running, pickling (to a spawned worker) or reading ``.code`` generates it. Without the
+    lazy class (an older torch): generated now."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        return fx.GraphModule(root, graph, class_name=class_name)
+    return _LazyGraphModule(root, graph, class_name=class_name)
+
+
 def is_tensor(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(val(node), torch.Tensor)
 

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from fxdisagg.config import Config
 from fxdisagg.errors import FxDisaggError, PassError
+from fxdisagg.graph import lazy_graph_module
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,9 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], ctx: PassContext) -> fx.G
 
 
 def _code_on_demand(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with its Python code generated when it is first run or read (torch's lazy
-    GraphModule), not now: the passes and `lower` read the graph only, and generating the
-    code of a 32-layer graph (2599 nodes) took ~0.1 s of a ~1 s compile
-    (benchmarks/passes.py). A caller that runs the result, or reads ``.code``, gets code
-    that matches the graph as before. Without the lazy class: generated now."""
-    try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule
-    except ImportError:          # an older torch
-        gm.recompile()
-        return gm
-    return _LazyGraphModule.from_graphmodule(gm)
+    """``gm`` with its Python code generated when it is first run or read
+    (`fxdisagg.graph.lazy_graph_module`): generating the code of a 32-layer graph (2599
+    nodes) took ~0.1 s of a ~1 s compile (benchmarks/passes.py), and the passes and `lower`
+    read the graph only. A caller that runs the result, or reads ``.code``, gets code that
+    matches the graph as before."""
+    return lazy_graph_module(gm, gm.graph, type(gm).__name__)

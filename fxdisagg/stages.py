@@ -28,6 +28,7 @@ from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
                                                    StatelessSymbolicContext)
 
 from fxdisagg.errors import PassError
+from fxdisagg.graph import lazy_graph_module
 from fxdisagg.ir import OPS, ROLE, STAGE, VAL
 
 TOP = "top"
@@ -70,7 +71,7 @@ def split_stages(flat: fx.Graph, root: torch.nn.Module, class_name: str) -> fx.G
             env[out] = top.call_function(operator.getitem, (call, k))
             env[out].name = top._graph_namespace.create_name(out.name, None)
             env[out].meta.update(out.meta)
-    program = fx.GraphModule(stages, top, class_name=class_name)
+    program = lazy_graph_module(stages, top, class_name=class_name)
     for name, stage in built.items():    # after: building the top would compile them again
         setattr(program, name, stage)
     return program
@@ -124,7 +125,7 @@ def _stage_module(root, s: int, members, inputs, outputs) -> fx.GraphModule:
     for n in members:
         env[n] = g.node_copy(n, arg)
     g.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(root, g, class_name=f"Stage{s}")
+    return lazy_graph_module(root, g, class_name=f"Stage{s}")
 
 
 # -- meta["val"] with the program's own symbols -------------------------------------------------

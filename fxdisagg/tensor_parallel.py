@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxdisagg.errors import ConfigError
+from fxdisagg.graph import lazy_graph_module
 
 COLWISE, ROWWISE = "colwise", "rowwise"
 COLWISE_QKV = "colwise_qkv"            # fused [q | k | v] rows: each section split per head
@@ -144,7 +145,7 @@ def rank_programs(program, shards) -> list:
         p = copy.copy(program)
         p._modules = dict(program._modules)
         for name, stage in program.named_children():
-            mine = torch.fx.GraphModule(stage, stage.graph, class_name=type(stage).__name__)
+            mine = lazy_graph_module(stage, stage.graph, type(stage).__name__)
             for node in stage.graph.find_nodes(op="get_attr"):
                 value = _lookup(shard, node.target)
                 if value is not None:

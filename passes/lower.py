@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from fxdisagg import ir
 from fxdisagg.errors import TokenLocalityError
-from fxdisagg.graph import describe_node, is_seq, mentions_seq, seq_dims, val
+from fxdisagg.graph import describe_node, is_seq, lazy_graph_module, mentions_seq, seq_dims, val
 from fxdisagg.ir import OPS, ROLE, STAGE, args_of, make_node, schema_args
 from fxdisagg.pipeline import PassContext, gc_paused
 from fxdisagg.pieces import KEY, QUERY, LayerPieces, PieceSpec, encode_pieces
@@ -303,4 +303,4 @@ def _epilogue_program(gm, frontier_nodes) -> fx.GraphModule:
             env[node] = g.node_copy(node)
     out = gm.graph.output_node()
     g.output(fx.node.map_arg(out.args[0], lambda a: env[a]))
-    return fx.GraphModule(gm, g, class_name="EpilogueProgram")
+    return lazy_graph_module(gm, g, class_name="EpilogueProgram")
