@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.fx as fx
 
 aten = torch.ops.aten
-_EMPTY_VALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # fake mode -> {key: val}
 
 
 def val(node) -> object:
@@ -23,14 +20,16 @@ def empty_val(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> to
     Equal requests share one value (values are metadata; nothing writes them). A fresh
     fake tensor with symbolic sizes costs ~1 ms (its strides and contiguity are sympy
     expressions), and the passes ask for the same few shapes once per layer: 160 of them
-    were 0.09 s of `split_attention` on a 32-layer Llama (benchmarks/passes.py)."""
+    were 0.09 s of `split_attention` on a 32-layer Llama (benchmarks/passes.py). The
+    shared values live on the fake mode, and go with it (a weak-keyed table would keep
+    every mode alive: its values refer to it)."""
     dtype = dtype or like.dtype
     mode = getattr(like, "fake_mode", None)
     if mode is None:
         return like.new_empty(shape, dtype=dtype)
     key = (tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape), dtype,
            like.device)
-    cache = _EMPTY_VALS.setdefault(mode, {})
+    cache = mode.__dict__.setdefault("_fxdisagg_empty_vals", {})
     if key not in cache:
         cache[key] = like.new_empty(shape, dtype=dtype)
     return cache[key]

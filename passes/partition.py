@@ -22,7 +22,7 @@ node, the op and this pass. Common ops are judged by their dims here; an op thos
 not clear (an op they do not know, a batched matmul over per-token expert weights) is
 judged by DTensor's sharding rules (`fxdisagg.locality`), never by a growing list of op
 names. What feeds an attention is one backward sweep: a linted FX graph is in
-topological order (`run_passes` lints before every pass), so no separate DAG is built.
+topological order (`run_passes` lints it after every pass), so no separate DAG is built.
 Counts: ``partition.<role>`` per role.
 """
 
