@@ -328,7 +328,8 @@ def _follow_to_matmul(softmax: fx.Node, views: bool = False):
             return None
         chain.append(u)
         if u.target in DROPOUT:
-            _check_dropout(u, args_of(u)["p"])
+            d = args_of(u)
+            _check_dropout(u, d["p"] if d["train"] else 0.0)   # eval-mode nn.Dropout: train=False
         elif u.target in (aten.matmul.default, aten.bmm.default) and u.args[0] is n:
             return chain
         elif u.target not in CASTS and not (views and u.target in _VIEWS):

@@ -49,6 +49,8 @@ FAMILIES = [
     ("olmoe", tf.AutoModelForCausalLM, dict(num_key_value_heads=2, num_experts=4,
                                             num_experts_per_tok=2)),
     ("bert", tf.AutoModel, dict()),
+    ("megatron-bert", tf.AutoModel, dict(attn="eager")),   # eval-mode nn.Dropout on the probs
+    ("roformer", tf.AutoModel, dict(embedding_size=64, attn="eager")),
     ("roberta", tf.AutoModel, dict(pad_token_id=1)),
     ("modernbert", tf.AutoModel, dict(global_attn_every_n_layers=2, local_attention=8,
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -120,7 +122,8 @@ def test_every_family_is_exact_or_refused_with_a_typed_error(rows):
     wrong = [r for r in rows if r["error"] is not None and not r["error"] <= FP32_TOL]
     assert not wrong, f"wrong answers: {wrong}"
     exact = {r["family"] for r in rows if r["error"] is not None}
-    assert {"llama", "gpt2", "bert", "mistral", "qwen2", "falcon", "mixtral", "modernbert"} <= exact
+    assert {"llama", "gpt2", "bert", "mistral", "qwen2", "falcon", "mixtral", "modernbert",
+            "megatron-bert"} <= exact
 
 
 def test_readme_holds_the_measured_table(rows):
