@@ -98,22 +98,22 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, max_len
 
 
 def _export_in_range(model, kwargs: dict, token_dims: dict, max_len: int, notes: list):
-    """Export for lengths 1..max_len; when the model's code guards the length lower, once
-    more with the bound torch.export proposes (noted). Returns (program, max_len)."""
+    """Export for lengths 1..max_len; when the model's code guards the length lower, again
+    with the bounds that guard names (`_lower_bounds`, noted). Returns (program, max_len)."""
     try:
         return _export(model, kwargs, token_dims, max_len), max_len
     except Exception as e:  # noqa: BLE001 - re-raised typed, with the cause attached
-        limit = _proposed_max_len(e)
-        if limit is None or not 1 <= limit < max_len:
-            raise _capture_error(model, e) from e
-    notes.append(f"capture: the model's code allows at most {limit} tokens (torch.export found "
-                 f"the guard and proposed it), fewer than max_len={max_len}; captured for "
-                 f"1..{limit}")
-    log.warning("%s", notes[-1])
-    try:
-        return _export(model, kwargs, token_dims, limit), limit
-    except Exception as e:  # noqa: BLE001
-        raise _capture_error(model, e) from e
+        first, limits = e, _lower_bounds(e, max_len)
+    for limit in limits:
+        try:
+            ep = _export(model, kwargs, token_dims, limit)
+        except Exception:  # noqa: BLE001 - the next bound, or the first error below
+            continue
+        notes.append(f"capture: the model's code allows at most {limit} tokens (torch.export "
+                     f"found the guard), fewer than max_len={max_len}; captured for 1..{limit}")
+        log.warning("%s", notes[-1])
+        return ep, limit
+    raise _capture_error(model, first) from first
 
 
 #: HF's MoE expert implementations that keep each token's experts on its own rows
@@ -149,11 +149,23 @@ def _export(model, kwargs: dict, token_dims: dict, max_len: int):
         return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
 
 
-def _proposed_max_len(e: Exception) -> int | None:
-    """The upper bound torch.export proposes for N when the model's code guards the length
-    below the range asked for (``Suggested fixes: N = Dim('N', max=512)``), else None."""
-    m = re.search(r"N = Dim\('N', max=(\d+)\)", str(e))
-    return int(m.group(1)) if m else None
+def _lower_bounds(e: Exception, max_len: int) -> list[int]:
+    """Bounds below ``max_len`` to capture for when the model's code guards the length, best
+    first (at most two): the bound torch.export proposes (``Suggested fixes: N =
+    Dim('N', max=512)``; BERT's 512 positions), else the lengths named in the guards it
+    found violated, each as it is and one below, since a guard ``N != 2048`` excludes the
+    bound itself (GPT-Neo's and MPT's 2048-position buffers, sliced to N, guard
+    ``N != 2048``; MPT's ALiBi also ``N <= 2048``, spelled with ``max``)."""
+    text = str(e)
+    proposed = re.search(r"N = Dim\('N', max=(\d+)\)", text)
+    if proposed:
+        return [int(proposed.group(1))] if 1 <= int(proposed.group(1)) < max_len else []
+    named = set()
+    for guard in re.findall(r"satisfy the generated guard (.*)", text):
+        guard = re.sub(r"\.size\(\)\[\d+\]", "", guard.rstrip("."))   # dims are not lengths
+        named.update(int(c) for c in re.findall(r"(?<![\w.])(\d+)(?![\w.])", guard))
+    bounds = sorted({b for c in named for b in (c, c - 1) if 1 < b < max_len}, reverse=True)
+    return bounds[:2]
 
 
 def _capture_error(model, e: Exception) -> CaptureError:

@@ -182,6 +182,27 @@ def test_capture_takes_the_length_limit_the_model_code_guards():
         dm(**inputs("bert", 2, 513))
 
 
+def test_capture_steps_below_a_bound_the_model_code_excludes():
+    """GPT-Neo slices its 2048-position causal buffer to N, and export guards N != 2048
+    without proposing a bound: the capture takes the bound the guard names, less one, and
+    says so; the captured program computes what the model does at that length."""
+    import transformers as tf
+    from fxdisagg.capture import capture
+
+    torch.manual_seed(0)
+    config = tf.GPTNeoConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
+                             window_size=8, attention_types=[[["global", "local"], 1]],
+                             max_position_embeddings=2048, bos_token_id=0, eos_token_id=0)
+    model = tf.GPTNeoForCausalLM._from_config(config, attn_implementation="eager").eval()
+    cap = capture(model, inputs("gpt2", 1, 12), max_len=2048)
+    assert cap.max_len == 2047
+    assert any("allows at most 2047 tokens" in note for note in cap.notes)
+    kw = inputs("gpt2", 1, 2047)
+    with torch.no_grad():
+        out = cap.gm(kw["input_ids"])[0]
+    assert rel_error(out, reference(model, kw), kw) <= 1e-5
+
+
 def test_the_pipelines_graph_runs_and_its_code_follows_the_rewrites():
     """run_passes leaves code generation to the first run or read of the result; both see
     the rewritten graph, and running it matches the unmodified model."""
