@@ -49,6 +49,14 @@ def lazy_graph_module(root, graph: fx.Graph, class_name: str = "GraphModule") ->
     return _LazyGraphModule(root, graph, class_name=class_name)
 
 
+def attr_value(node: fx.Node):
+    """The module attribute a ``get_attr`` node reads (a weight, buffer or constant)."""
+    obj = node.graph.owning_module
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def is_tensor(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(val(node), torch.Tensor)
 

@@ -7,7 +7,9 @@ says what the mask computes, in a form where "depends on the query only through 
 position" can be read off.
 
 Ops the interpreter understands: arange, add/sub/mul/div, comparisons, and, where, abs,
-unsqueeze/expand, full-range slices, advanced indexing by index variables, and casts and
+unsqueeze/expand, full-range slices, a constant lower-triangular (or band) bool buffer
+read at ``[:N, :N]`` (the indices it stands for: K <= Q, and Q - K < W for a band of W),
+advanced indexing by index variables, and casts and
 copies (identity: masks are bool or small integers, exact in any dtype; a score bias that a
 model rounds to a low-precision dtype is applied by the kernels in fp32, more exact than
 the model's own rounding). Anything else
@@ -22,7 +24,7 @@ import itertools
 import torch
 import torch.fx as fx
 
-from fxdisagg.graph import describe_node, seq_dims, val
+from fxdisagg.graph import attr_value, describe_node, seq_dims, val
 from fxdisagg.ir import args_of
 
 aten = torch.ops.aten
@@ -152,6 +154,9 @@ class Interpreter:
 
     def _slice(self, n: fx.Node) -> Term:
         a = args_of(n)
+        window = _lower_triangle(n, self.seq)
+        if window is not False:
+            return self._triangle(n, window)
         x = self.term(a["self"])
         dim, start, end, step = a["dim"], a["start"], a["end"], a["step"]
         size = val(a["self"]).shape[dim]
@@ -159,6 +164,15 @@ class Interpreter:
                                                  _same_size(end, size)):
             return x
         raise Unclassifiable(f"{describe_node(n)} slices the mask")
+
+    def _triangle(self, n: fx.Node, window: int | None) -> Term:
+        """A causal (``window``: sliding) buffer read at [:N, :N]: K <= Q (and Q - K < W)
+        over token indices, Q and K fresh variables of its last two dims."""
+        q, k = self.vars.new(), self.vars.new()
+        expr = ("le", ("idx", k), ("idx", q))
+        if window is not None:
+            expr = ("and", expr, ("lt", ("sub", ("idx", q), ("idx", k)), ("const", window)))
+        return Term((None,) * (val(n).dim() - 2) + (q, k), expr)
 
     def _index(self, n: fx.Node) -> Term:
         base = self.term(n.args[0])
@@ -189,6 +203,39 @@ class Interpreter:
     def _broadcast(self, n, op, args) -> Term:
         terms = [self.term(a) for a in args]
         return Term(self._broadcast_dims([t.dims for t in terms]), (op, *[t.expr for t in terms]))
+
+
+def _lower_triangle(n: fx.Node, seq):
+    """For ``buf[..., :N, :N]`` of a constant bool buffer ``buf`` ``[1, .., M, M]`` (the
+    older HF spelling of causal masks, read through ``slice`` nodes): None if ``buf`` is
+    lower-triangular (causal), W if it is the band of the last W keys (GPT-Neo's local
+    layers), False for anything else (the slice is not such a read)."""
+    slices, root = {}, n
+    while root.op == "call_function" and root.target is aten.slice.Tensor:
+        a = args_of(root)
+        slices[a["dim"] % val(root).dim()] = (a["start"], a["end"], a["step"])
+        root = a["self"]
+    if root.op != "get_attr" or val(n).dim() < 2:
+        return False
+    buf = attr_value(root)
+    last = (val(n).dim() - 2, val(n).dim() - 1)
+    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.bool or buf.dim() != val(n).dim() \
+            or any(s != 1 for s in buf.shape[:-2]) or buf.shape[-1] != buf.shape[-2] \
+            or set(slices) != set(last) or not all(_prefix(slices[d], val(n).shape[d], seq) for d in last):
+        return False
+    m = buf.reshape(buf.shape[-2:])
+    tri = torch.ones_like(m).tril()
+    if torch.equal(m, tri):
+        return None
+    w = int(m[-1].sum())
+    return w if 0 < w and torch.equal(m, tri & ~tri.tril(-w)) else False
+
+
+def _prefix(sl, size, seq) -> bool:
+    """A slice ``[:N]`` (start 0 or None, step 1) to the token length N."""
+    start, _, step = sl
+    return start in (0, None) and step == 1 and isinstance(size, torch.SymInt) \
+        and size.node.expr == seq
 
 
 def _same_size(a, b) -> bool:

@@ -40,14 +40,13 @@ Terms and rewrites the attentions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.fx as fx
 
 from fxdisagg.contracts import OnesInOneRun
 from fxdisagg.errors import UnsupportedMaskError
-from fxdisagg.graph import describe_node, seq_dims, val
+from fxdisagg.graph import attr_value, describe_node, seq_dims, val
 from fxdisagg.ir import OPS, args_of, make_node, set_args
 from fxdisagg.mask_terms import IDENTITY_OPS, Interpreter, Unclassifiable, Vars, show
 from fxdisagg.pipeline import PassContext
@@ -274,7 +273,7 @@ def _static_value(node: fx.Node) -> torch.Tensor:
     env: dict[fx.Node, object] = {}
     for n in order:
         if n.op == "get_attr":
-            env[n] = functools.reduce(getattr, n.target.split("."), n.graph.owning_module)
+            env[n] = attr_value(n)
         elif n.op == "call_function":
             env[n] = n.target(*fx.node.map_arg(n.args, env.__getitem__),
                               **fx.node.map_arg(n.kwargs, env.__getitem__))

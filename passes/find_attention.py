@@ -10,8 +10,10 @@ Spellings matched:
   their arguments read by schema name (`sdpa_args`): the mask is ``attn_mask`` in some
   schemas and ``attn_bias`` in others, and sits at different positions;
 - the eager chain of the seed figure, as HF builds it with ``attn_implementation="eager"``:
-  MatMul(q, k^T) -> Scale (mul / div by a constant, optional) -> Mask add (optional) ->
-  SoftMax(-1) -> casts / Dropout(p, train=False) (optional) -> MatMul(., v);
+  MatMul(q, k^T) -> Scale (mul / div by a constant, optional) -> Mask (optional): a
+  ``where(c, scores, fill)`` with fill at most fp16's min (GPT-Neo reads a causal buffer
+  so) and / or an added mask -> SoftMax(-1) -> casts / Dropout(p, train=False)
+  (optional) -> MatMul(., v); a ``where`` joins the mask as ``where(c, 0, fill)``;
 - the same chain with the heads folded into the batch dim (Bloom): 3-D ``[B*H, N, D]``
   operands, the scores ``baddbmm(bias, q, k^T, beta, alpha)`` (a score bias such as
   ALiBi, fused) viewed as ``[B, H, N, N]``, and ``bmm(probs, v)``. q, k, v become 4-D
@@ -32,7 +34,8 @@ import torch
 import torch.fx as fx
 
 from fxdisagg.errors import PatternError
-from fxdisagg.graph import describe_node, empty_val, is_tensor, seq_dims, single_user, val
+from fxdisagg.graph import (attr_value, describe_node, empty_val, is_tensor, seq_dims,
+                            single_user, val)
 from fxdisagg.ir import OPS, args_of, is_call, make_node, set_args
 from fxdisagg.pipeline import PassContext
 
@@ -257,20 +260,66 @@ def _added(gm, a: fx.Node, b: fx.Node, at: fx.Node) -> fx.Node:
 
 
 def _split_mask(x: fx.Node, ctx):
-    """scores + mask -> (scores, mask); the mask is the operand not derived from MatMul."""
+    """scores + mask -> (scores, mask); the mask is the operand not derived from MatMul.
+    Scores filled where a condition is false (`_unfill`) give the condition to the mask."""
+    scores, mask = x, None
     if x.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in x.args):
         a, b = x.args
         if _reaches_matmul(a):
-            return a, b
-        if _reaches_matmul(b):
-            return b, a
-    return x, None
+            scores, mask = a, b
+        elif _reaches_matmul(b):
+            scores, mask = b, a
+    return _unfill(scores, mask, before=x)
+
+
+#: ``where(c, s, fill)`` with fill at most this masks s where c is false (HF fills with
+#: finfo(dtype).min: -3.4e38 in fp32 and bf16, -65504 in fp16)
+_FILL_AT_MOST = torch.finfo(torch.float16).min
+
+
+def _unfill(scores: fx.Node, mask, before: fx.Node):
+    """``where(c, s, fill)`` -> (s, ``where(c, 0, fill)`` + mask): the older HF spelling
+    of a causal mask (GPT-Neo: a ``[max, max]`` lower-triangular buffer sliced to N, then
+    the padding mask added). Equal scores, since s + fill rounds to fill in the dtype
+    whose min fill is (|s| is far below fill's spacing)."""
+    if not (is_call(scores, aten.where.self) and _reaches_matmul(scores.args[1])):
+        return scores, mask
+    cond, s, fill = scores.args
+    value = _fill_value(fill)
+    if value is None or value > _FILL_AT_MOST:
+        return scores, mask
+    g = before.graph
+    with g.inserting_before(before):
+        out = make_node(g, aten.where.Scalar, (cond, 0.0, value),
+                        val=torch.where(val(cond), 0.0, value).to(val(s).dtype),
+                        created_by="find_attention", like=scores)
+        if mask is not None:
+            out = make_node(g, aten.add.Tensor, (out, mask), val=val(out) + val(mask),
+                            created_by="find_attention", like=scores)
+    return s, out
+
+
+def _fill_value(n) -> float | None:
+    """A constant 0-d fill: a number, ``full([], x)``, or a lifted 0-d tensor constant of
+    the model (``detach_(lift_fresh_copy(c))``, as export spells ``torch.tensor(x)``)."""
+    c = _constant(n)
+    if c is not None or not isinstance(n, fx.Node):
+        return c
+    while is_call(n, {aten.detach_.default, aten.detach.default, aten.lift_fresh_copy.default,
+                      *CASTS}):
+        n = n.args[0]
+    if n.op != "get_attr":
+        return None
+    t = attr_value(n)
+    return float(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else None
 
 
 def _reaches_matmul(n: fx.Node) -> bool:
     while n.op == "call_function" and n.target in (aten.mul.Tensor, aten.div.Tensor, aten.tanh.default,
                                                    *CASTS, *_VIEWS):
         n = n.args[0]
+    if is_call(n, aten.where.self) and isinstance(n.args[1], fx.Node):
+        return _reaches_matmul(n.args[1])       # filled scores (`_unfill`)
     if is_call(n, BADDBMM):
         return True
     return n.op == "call_function" and n.target in (aten.matmul.default, aten.bmm.default)

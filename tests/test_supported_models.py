@@ -35,6 +35,8 @@ FAMILIES = [
     ("starcoder2", tf.AutoModelForCausalLM, dict(num_key_value_heads=2)),
     ("gpt2", tf.AutoModelForCausalLM, dict(n_positions=512)),
     ("gpt_neox", tf.AutoModelForCausalLM, dict()),
+    ("gpt_neo", tf.AutoModelForCausalLM, dict(num_layers=2, num_heads=4, window_size=8,   # a tril buffer
+                                              attention_types=[[["global", "local"], 1]], attn="eager")),
     ("opt", tf.AutoModelForCausalLM, dict(ffn_dim=128, word_embed_proj_dim=64)),
     ("falcon", tf.AutoModelForCausalLM, dict(multi_query=True, new_decoder_architecture=False)),
     ("bloom", tf.AutoModelForCausalLM, dict(n_head=4, attn="eager")),
@@ -123,7 +125,7 @@ def test_every_family_is_exact_or_refused_with_a_typed_error(rows):
     assert not wrong, f"wrong answers: {wrong}"
     exact = {r["family"] for r in rows if r["error"] is not None}
     assert {"llama", "gpt2", "bert", "mistral", "qwen2", "falcon", "mixtral", "modernbert",
-            "megatron-bert"} <= exact
+            "megatron-bert", "gpt_neo"} <= exact
 
 
 def test_readme_holds_the_measured_table(rows):
