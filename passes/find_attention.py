@@ -280,8 +280,9 @@ _FILL_AT_MOST = torch.finfo(torch.float16).min
 def _unfill(scores: fx.Node, mask, before: fx.Node):
     """``where(c, s, fill)`` -> (s, ``where(c, 0, fill)`` + mask): the older HF spelling
     of a causal mask (GPT-Neo: a ``[max, max]`` lower-triangular buffer sliced to N, then
-    the padding mask added). Equal scores, since s + fill rounds to fill in the dtype
-    whose min fill is (|s| is far below fill's spacing)."""
+    the padding mask added). The same attention: a key the condition hides gets weight
+    exp(fill + s - max) = 0 either way, and `classify_masks` turns the condition into
+    features, so no fill is ever added."""
     if not (is_call(scores, aten.where.self) and _reaches_matmul(scores.args[1])):
         return scores, mask
     cond, s, fill = scores.args
