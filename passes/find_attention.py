@@ -14,9 +14,11 @@ Spellings matched:
   ``where(c, scores, fill)`` with fill at most fp16's min (GPT-Neo reads a causal buffer
   so) and / or an added mask -> SoftMax(-1) -> casts / Dropout(p, train=False)
   (optional) -> MatMul(., v); a ``where`` joins the mask as ``where(c, 0, fill)``;
-- the same chain with the heads folded into the batch dim (Bloom): 3-D ``[B*H, N, D]``
-  operands, the scores ``baddbmm(bias, q, k^T, beta, alpha)`` (a score bias such as
-  ALiBi, fused) viewed as ``[B, H, N, N]``, and ``bmm(probs, v)``. q, k, v become 4-D
+- the same chain with the heads folded into the batch dim (Bloom, and the BART family
+  such as XGLM): 3-D ``[B*H, N, D]`` operands, the scores ``bmm(q, k^T)`` or
+  ``baddbmm(bias, q, k^T, beta, alpha)`` (a score bias such as ALiBi, fused) viewed as
+  ``[B, H, N, N]``, masked there (and clamped at finfo.min, a no-op for the weights),
+  maybe viewed back to ``[B*H, N, N]`` for the softmax, and ``bmm(probs, v)``. q, k, v become 4-D
   again (their ``[B, H, N, D]`` sources where the graph has them) and the bias joins the
   mask as an additive term, for `classify_masks` to prove separable.
 A softmax over a sequence dim that is not part of an exact match is an error naming the
@@ -137,9 +139,9 @@ def _replace_eager(gm, softmax: fx.Node, ctx) -> None:
         raise PatternError(f"find_attention: {describe_node(softmax)} is a softmax over tokens "
                            f"but not over the last (key) dim; this attention spelling is not "
                            f"supported")
-    scores, mask = _split_mask(x, ctx)
+    scores, mask = _split_mask(_unwrapped(x), ctx)
     if _folded_heads(scores) is not None:
-        return _replace_folded(gm, softmax, ctx)
+        return _replace_folded(gm, softmax, scores, mask, ctx)
     capped, softcap = _split_softcap(scores)
     qk, scale = _split_scale(capped)
     if qk.target not in (aten.matmul.default, aten.bmm.default) or single_user(qk) is None:
@@ -176,10 +178,11 @@ def _folded_heads(scores: fx.Node):
     return shape[0], shape[1]
 
 
-def _replace_folded(gm, softmax: fx.Node, ctx) -> None:
-    """Bloom's spelling: ``[B*H, N, D]`` operands, ``baddbmm`` scores with a fused bias."""
+def _replace_folded(gm, softmax: fx.Node, scores: fx.Node, mask, ctx) -> None:
+    """Bloom's spelling: ``[B*H, N, D]`` operands, ``baddbmm`` scores with a fused bias;
+    and the BART family's (XGLM): ``bmm`` scores viewed as ``[B, H, N, N]`` for the mask
+    and back for the softmax."""
     x = args_of(softmax)["self"]
-    scores, mask = _split_mask(x, ctx)
     b, h = _folded_heads(scores)
     s3 = scores.args[0]
     if is_call(s3, BADDBMM):
@@ -257,6 +260,20 @@ def _added(gm, a: fx.Node, b: fx.Node, at: fx.Node) -> fx.Node:
     with gm.graph.inserting_before(at):
         return make_node(gm.graph, aten.add.Tensor, (a, b), val=val(a) + val(b),
                          created_by="find_attention", like=at)
+
+
+def _unwrapped(x: fx.Node) -> fx.Node:
+    """The scores a softmax reads, without what leaves its weights alone: a view of 4-D
+    scores to ``[B*H, N, N]`` (the BART family masks ``[B, H, N, N]`` scores, then folds
+    the heads again for the softmax), and a clamp from below at a fill
+    (``max(s, finfo.min)``, which only keeps -inf out of rows with no visible key)."""
+    if is_call(x, _VIEWS) and val(x).dim() == 3 and val(x.args[0]).dim() == 4:
+        x = x.args[0]
+    if is_call(x, {aten.max.other, aten.maximum.default}):
+        fill = _fill_value(x.args[1])
+        if fill is not None and fill <= _FILL_AT_MOST:
+            x = x.args[0]
+    return x
 
 
 def _split_mask(x: fx.Node, ctx):

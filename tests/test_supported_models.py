@@ -35,6 +35,8 @@ FAMILIES = [
     ("starcoder2", tf.AutoModelForCausalLM, dict(num_key_value_heads=2)),
     ("gpt2", tf.AutoModelForCausalLM, dict(n_positions=512)),
     ("gpt_neox", tf.AutoModelForCausalLM, dict()),
+    ("xglm", tf.AutoModelForCausalLM, dict(d_model=64, ffn_dim=128, attention_heads=4, num_layers=2,
+                                           attn="eager")),        # BART-style folded heads
     ("gpt_neo", tf.AutoModelForCausalLM, dict(num_layers=2, num_heads=4, window_size=8,   # a tril buffer
                                               attention_types=[[["global", "local"], 1]], attn="eager")),
     ("opt", tf.AutoModelForCausalLM, dict(ffn_dim=128, word_embed_proj_dim=64)),
@@ -125,7 +127,7 @@ def test_every_family_is_exact_or_refused_with_a_typed_error(rows):
     assert not wrong, f"wrong answers: {wrong}"
     exact = {r["family"] for r in rows if r["error"] is not None}
     assert {"llama", "gpt2", "bert", "mistral", "qwen2", "falcon", "mixtral", "modernbert",
-            "megatron-bert", "gpt_neo"} <= exact
+            "megatron-bert", "gpt_neo", "xglm"} <= exact
 
 
 def test_readme_holds_the_measured_table(rows):
