@@ -25,6 +25,9 @@ A softmax over a sequence dim that is not part of an exact match is an error nam
 node: an attention-like pattern is never passed through silently.
 
 Counts: ``find_attention.sdpa``, ``find_attention.fused_sdpa``, ``find_attention.eager``.
+
+(Just over 400 lines: every spelling shares the readers of the score chain, scale,
+soft-cap, mask, fill, and a spelling is easiest to check against its neighbours.)
 """
 
 from __future__ import annotations
