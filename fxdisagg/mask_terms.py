@@ -221,7 +221,8 @@ def _lower_triangle(n: fx.Node, seq):
     last = (val(n).dim() - 2, val(n).dim() - 1)
     if not isinstance(buf, torch.Tensor) or buf.dtype != torch.bool or buf.dim() != val(n).dim() \
             or any(s != 1 for s in buf.shape[:-2]) or buf.shape[-1] != buf.shape[-2] \
-            or set(slices) != set(last) or not all(_prefix(slices[d], val(n).shape[d], seq) for d in last):
+            or set(slices) != set(last) \
+            or not all(_prefix(slices[d], val(n).shape[d], seq) for d in last):
         return False
     m = buf.reshape(buf.shape[-2:])
     tri = torch.ones_like(m).tril()

@@ -18,9 +18,9 @@ Spellings matched:
   such as XGLM): 3-D ``[B*H, N, D]`` operands, the scores ``bmm(q, k^T)`` or
   ``baddbmm(bias, q, k^T, beta, alpha)`` (a score bias such as ALiBi, fused) viewed as
   ``[B, H, N, N]``, masked there (and clamped at finfo.min, a no-op for the weights),
-  maybe viewed back to ``[B*H, N, N]`` for the softmax, and ``bmm(probs, v)``. q, k, v become 4-D
-  again (their ``[B, H, N, D]`` sources where the graph has them) and the bias joins the
-  mask as an additive term, for `classify_masks` to prove separable.
+  maybe viewed back to ``[B*H, N, N]`` for the softmax, and ``bmm(probs, v)``. q, k, v
+  become 4-D again (their ``[B, H, N, D]`` sources where the graph has them) and the
+  bias joins the mask as an additive term, for `classify_masks` to prove separable.
 A softmax over a sequence dim that is not part of an exact match is an error naming the
 node: an attention-like pattern is never passed through silently.
 
