@@ -9,7 +9,7 @@ import time
 
 import torch
 
-FAMILIES = ("llama", "gpt2", "bert", "mistral", "qwen2", "bloom")
+FAMILIES = ("llama", "gpt2", "bert", "mistral", "qwen2", "bloom", "gpt_neo", "xglm")
 
 
 def tiny_model(family: str, *, attn: str = "sdpa", layers: int = 2, hidden: int = 64,
@@ -43,6 +43,15 @@ def tiny_model(family: str, *, attn: str = "sdpa", layers: int = 2, hidden: int 
     elif family == "bloom":   # ALiBi, heads folded into the batch dim; HF ships eager only
         m = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads,
                                                vocab_size=vocab, attn_implementation="eager"))
+    elif family == "gpt_neo":  # a [max, max] causal buffer; local layers a band of it
+        m = tf.GPTNeoForCausalLM._from_config(tf.GPTNeoConfig(
+            vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+            window_size=sliding_window, attention_types=[[["global", "local"], layers // 2]],
+            bos_token_id=0, eos_token_id=0), attn_implementation="eager")
+    elif family == "xglm":     # the BART family's eager spelling; positions flattened B*N
+        m = tf.XGLMForCausalLM._from_config(tf.XGLMConfig(
+            vocab_size=vocab, d_model=hidden, ffn_dim=2 * hidden, attention_heads=heads,
+            num_layers=layers), attn_implementation="eager")
     else:
         raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
     return m.to(dtype).eval()

@@ -45,7 +45,8 @@ import torch.fx as fx
 
 from fxdisagg import ir
 from fxdisagg.errors import TokenLocalityError
-from fxdisagg.graph import describe_node, is_seq, lazy_graph_module, mentions_seq, seq_dims, val
+from fxdisagg.graph import (describe_node, is_seq, lazy_graph_module, mentions_seq, seq_dims,
+                            token_dims, val)
 from fxdisagg.ir import OPS, ROLE, STAGE, args_of, make_node, schema_args
 from fxdisagg.pipeline import PassContext, gc_paused
 from fxdisagg.pieces import KEY, QUERY, LayerPieces, PieceSpec, encode_pieces
@@ -192,6 +193,10 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
             return local[a]
         dims = seq_dims(a, ctx.seq)
         if not dims:
+            if token_dims(a, ctx.seq):       # batch and tokens flattened into one dim
+                if a not in local:
+                    local[a] = _localised_rows(g, a, env[a], tokens, ctx)
+                return local[a]
             return env[a]
         if len(dims) != 1:
             raise TokenLocalityError(f"lower: {describe_node(a)} has several token dims and is "
@@ -220,6 +225,25 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
     g.output(tuple(remap(n) if n.meta[ROLE] == "comp" else env[n] for n in frontier_nodes))
     g.eliminate_dead_code()
     return g
+
+
+def _localised_rows(g: fx.Graph, a: fx.Node, full: fx.Node, tokens: fx.Node, ctx) -> fx.Node:
+    """A replicated ``[.., B*N, ..]`` value (batch and tokens flattened into one dim, as
+    XGLM flattens its position ids to look up its positional table) cut to this CompNode's
+    tokens: viewed as ``[.., B, N, ..]``, selected on N, flattened again."""
+    dims, shape = token_dims(a, ctx.seq), val(a).shape
+    d = dims[0]
+    per_token = shape[d].node.expr / ctx.seq
+    others = [s for k, s in enumerate(shape) if k != d]
+    if len(dims) != 1 or not per_token.is_Integer or not all(isinstance(s, int) for s in others):
+        raise TokenLocalityError(f"lower: {describe_node(a)} is read by a CompNode and has a "
+                                 f"token dim fxdisagg cannot cut to the CompNode's tokens")
+    made = dict(val=None, created_by="lower", stage=0)
+    split = make_node(g, aten.view.default, (full, [*shape[:d], int(per_token), -1, *shape[d + 1:]]),
+                      name=f"rows_{a.name}", **made)
+    mine = make_node(g, aten.index_select.default, (split, d + 1, tokens), **made)
+    return make_node(g, aten.reshape.default, (mine, [*shape[:d], -1, *shape[d + 1:]]),
+                     name=f"local_{a.name}", **made)
 
 
 def _exchange(g: fx.Graph, merge: fx.Node, partials, lp: LayerPieces, remap, tokens

@@ -26,11 +26,12 @@ def _step_errors(ours, ref) -> list[float]:
 
 @pytest.mark.parametrize("family, alpha, beta", [
     *[(f, a, b) for f in ("llama", "gpt2", "mistral", "qwen2") for a, b in ((1, 1), (2, 2), (3, 2))],
-    ("bloom", 2, 2), ("bloom", 3, 2)])
+    ("bloom", 2, 2), ("bloom", 3, 2), ("gpt_neo", 2, 2), ("xglm", 2, 2)])
 def test_greedy_generation_is_token_identical_to_hf(family, alpha, beta):
     """Batch 2 with left padding; eos met by one row in the middle of the run; every
     decode step's logits within 1e-4 of HF's (Mistral's window 5 < prompt + generated;
-    Bloom's ALiBi over the cached keys)."""
+    Bloom's ALiBi over the cached keys; GPT-Neo's causal buffer and its band of 5 on the
+    local layer; XGLM's positions, which generate passes flattened to B*N)."""
     model = tiny_model(family)
     kw = inputs(family, 2, PROMPT, padding=True)
     free = _generate(model, kw, do_sample=False, eos_token_id=None)
