@@ -7,9 +7,9 @@
     fxdisagg dump --model NAME|PATH --alpha A --beta B --out DIR [--tokens N --batch B]
 
 NAME is one of the tested HF families built from a small config with a fixed seed
-(`fxdisagg.testing.tiny_model`: llama, gpt2, bert, mistral, qwen2, bloom, gpt_neo, xglm); PATH is a local HF
-checkpoint directory (``save_pretrained``). Steps that take time (loading, capture and
-passes) say so on stderr as they start and how long they took.
+(`fxdisagg.testing.tiny_model`: llama, gpt2, bert, mistral, qwen2, bloom, gpt_neo,
+xglm); PATH is a local HF checkpoint directory (``save_pretrained``). Steps that take
+time (loading, capture and passes) say so on stderr as they start and how long they took.
 """
 
 from __future__ import annotations
