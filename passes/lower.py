@@ -230,12 +230,19 @@ def _comp_program(gm, ctx: PassContext, frontier_nodes, partials, layers) -> fx.
 def _localised_rows(g: fx.Graph, a: fx.Node, full: fx.Node, tokens: fx.Node, ctx) -> fx.Node:
     """A replicated ``[.., B*N, ..]`` value (batch and tokens flattened into one dim, as
     XGLM flattens its position ids to look up its positional table) cut to this CompNode's
-    tokens: viewed as ``[.., B, N, ..]``, selected on N, flattened again."""
+    tokens: viewed as ``[.., B, N, ..]``, selected on N, flattened again. Only where the
+    graph shows the flattening (a view of ``[.., B, N, ..]``): a ``[.., N, B, ..]``
+    flattened has the same size and other rows."""
     dims, shape = token_dims(a, ctx.seq), val(a).shape
     d = dims[0]
     per_token = shape[d].node.expr / ctx.seq
     others = [s for k, s in enumerate(shape) if k != d]
-    if len(dims) != 1 or not per_token.is_Integer or not all(isinstance(s, int) for s in others):
+    src = a.args[0] if a.target in (aten.view.default, aten.reshape.default,
+                                    aten._unsafe_view.default) else None
+    flattened = src is not None and seq_dims(src, ctx.seq) == [d + 1] \
+        and val(src).dim() == len(shape) + 1 and val(src).shape[d] == per_token
+    if len(dims) != 1 or not per_token.is_Integer or not flattened \
+            or not all(isinstance(s, int) for s in others):
         raise TokenLocalityError(f"lower: {describe_node(a)} is read by a CompNode and has a "
                                  f"token dim fxdisagg cannot cut to the CompNode's tokens")
     made = dict(val=None, created_by="lower", stage=0)
