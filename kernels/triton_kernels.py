@@ -4,8 +4,9 @@ Only device code lives here. The host side (shape/dtype/device checks, output
 allocation, grids, autotune configs, `torch.library.triton_op` registration) is in
 `triton_backend.py`, and for the decode variant in `triton_decode.py`; never launch these
 kernels directly. One module (~440 lines) on purpose: it is the device code of both
-kernels, which share their per-key-block step and feature loads (below); split, each
-kernel would read apart from the helpers it is made of.
+kernels, and every feature (causal, windows ahead and behind, soft-capping, ALiBi,
+documents, padding) is spelled once, in `_attend_key_block`, which both inline; split, the
+kernels would read apart from the one definition they are made of.
 
 Two attention kernels share the per-key-block work (`_attend_key_block`: classify the block
 from min/max features, skip it, or run one online-softmax step with or without an element
@@ -23,10 +24,6 @@ Numerical conventions (see `api.py`):
 
 Whether these functions run compiled or in Triton's CPU interpreter is decided when this
 module is imported (`@triton.jit` reads `TRITON_INTERPRET` at decoration time).
-
-One module of ~430 lines on purpose: every kernel's features (causal, windows ahead and
-behind, soft-capping, ALiBi, documents, padding) are spelled once, in `_attend_key_block`, which
-both attention kernels inline; splitting the device code would split that one definition.
 """
 
 import triton

@@ -140,6 +140,7 @@ class SharedMemoryTransport(Transport):
                  alive=lambda: True, progress=None, group_bells=None, slots=None):
         super().__init__(rank, world, progress)
         self.slots = slots
+        self._large_call = False           # this call delivers and binds (`_large`)
         self.tag, self.bells, self.timeout, self.alive = tag, bells, timeout, alive
         self.device = torch.device("cpu")
         self._mine: dict[str, tuple[int, torch.Tensor]] = {}      # phase -> (generation, bytes)
@@ -164,6 +165,7 @@ class SharedMemoryTransport(Transport):
 
     def begin(self, schedule) -> None:
         super().begin(schedule)
+        self._large_call = self._large(schedule)
         if schedule is not self._sized_for:       # landing sizes are the call's (`_landing`)
             self._sized_for, self._needs = schedule, self._needs_of.setdefault(schedule, {})
             for key in [k for k in self._landings if k[0] != self.rank]:
@@ -183,7 +185,7 @@ class SharedMemoryTransport(Transport):
 
     def _take_slot(self) -> None:
         if self.slots is not None and not self.slots.held:
-            self.slots.take(self._wait, bind=self._large_call())
+            self.slots.take(self._wait, bind=self._large_call)
 
     def _segment(self, phase: str, nbytes: int) -> tuple[int, torch.Tensor]:
         """This rank's own segment of ``phase`` (packed exchanges, all-reduces), grown by
@@ -205,16 +207,16 @@ class SharedMemoryTransport(Transport):
     # a placing copy of a few rows). A decode step's ~30 small copies per layer cost more
     # as deliveries (a view per copy on both sides) than packed: side by side, (1, 2) steps
     # were ~5% slower delivered. Both sides choose alike, from the call's token count.
-    def _large_call(self) -> bool:
+    def _large(self, schedule) -> bool:
         """A prefill, not a decode step: it delivers (`_send`) and runs on its slot's core
-        (`fxdisagg.runtime.slots`)."""
-        return getattr(getattr(self.schedule, "plan", None), "n_tokens", 0) >= LARGE_CALL
+        (`fxdisagg.runtime.slots`). Read once per call, in `begin`."""
+        return getattr(getattr(schedule, "plan", None), "n_tokens", 0) >= LARGE_CALL
 
     def _send(self, ex: Exchange, tensors: list) -> int:
         self._seq += 1
         header = self._board[self._seq % SLOTS]       # numpy view of the shared slot
         header[:, 1:] = 0
-        if self._large_call():
+        if self._large_call:
             deliver(ex, self.rank, tensors,
                     {r.dst: self._landing(r.dst, ex.phase) for r in ex.sends(self.rank)})
             for dst, nbytes in zip(*ex.send_sizes(self.rank)):
@@ -237,7 +239,7 @@ class SharedMemoryTransport(Transport):
         landing, or in its senders' segments."""
         self._hear({src: self.bells[self.rank][src] for src in self.peers},
                    f"layer {ex.layer} {ex.phase}")
-        chunks, delivered = [], self._large_call()
+        chunks, delivered = [], self._large_call
         for src, nbytes in ex.recv_sizes(self.rank):
             if src not in self.peers:
                 raise RuntimeError(f"rank {self.rank}: the schedule routes layer {ex.layer} "
